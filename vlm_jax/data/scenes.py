@@ -1,0 +1,172 @@
+"""Procedural scenes of coloured shapes with captions (the embedded dataset).
+
+Every example is a pure function of ``(seed, split, index)``, so the dataset is
+reproducible bit for bit and can be generated in any order. Captions state
+attributes (colour, shape, size), spatial relations and counts. Some
+colour–shape compositions are withheld from training: the ``test_unseen`` split
+is built around them, so zero-shot accuracy there measures composition, not
+memorisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 220, 50),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+    "white": (240, 240, 240),
+    "cyan": (40, 210, 220),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SIZES = ("small", "large")
+RELATIONS = ("left of", "right of", "above", "below")
+COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
+SCENE_KINDS = ("single", "count", "relation")
+
+# Colour–shape pairs never drawn in the train split. Every colour and every
+# shape still occurs in training with other partners.
+WITHHELD: tuple[tuple[str, str], ...] = (
+    ("red", "triangle"),
+    ("green", "circle"),
+    ("blue", "diamond"),
+    ("yellow", "square"),
+    ("purple", "cross"),
+    ("white", "circle"),
+)
+
+SPLITS = ("train", "test_seen", "test_unseen")
+_SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
+
+
+def composition_names() -> list[str]:
+    """Class names of the zero-shot task: one per colour–shape composition."""
+    return [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def composition_index(colour: str, shape: str) -> int:
+    return list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)
+
+
+SEEN = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in WITHHELD]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    image_png: bytes
+    caption: str
+    label: int  # composition index of the caption's subject
+    single_class: bool  # True when every object has the subject's composition
+    kind: str
+
+
+def _plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, colour, cx: float, cy: float, r: float):
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif shape == "square":
+        q = r * 0.85
+        draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=colour)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
+    elif shape == "cross":
+        w = r * 0.35
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def _pick_composition(rng: np.random.Generator, pool: list[tuple[str, str]]) -> tuple[str, str]:
+    return pool[rng.integers(len(pool))]
+
+
+def make_scene(seed: int, split: str, index: int, image_size: int = 64) -> Scene:
+    """Returns the ``index``-th scene of ``split``; a pure function of its arguments."""
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
+    S = image_size
+    background = tuple(int(v) for v in rng.integers(0, 60, size=3))
+    img = Image.new("RGB", (S, S), background)
+    draw = ImageDraw.Draw(img)
+
+    subject_pool = [(c, s) for c, s in WITHHELD] if split == "test_unseen" else SEEN
+    other_pool = SEEN
+    kind = SCENE_KINDS[rng.integers(len(SCENE_KINDS))]
+    colour, shape = _pick_composition(rng, subject_pool)
+    large_r, small_r = 0.22 * S, 0.12 * S
+
+    if kind == "single":
+        size = SIZES[rng.integers(2)]
+        r = large_r if size == "large" else small_r
+        cx, cy = rng.uniform(r + 1, S - r - 1, size=2)
+        _draw(draw, shape, COLOURS[colour], cx, cy, r)
+        caption = f"a {size} {colour} {shape}"
+        single = True
+    elif kind == "count":
+        n = int(rng.integers(2, 5))
+        r = small_r
+        centres: list[np.ndarray] = []
+        while len(centres) < n:  # rejection sampling of non-overlapping centres
+            c = rng.uniform(r + 1, S - r - 1, size=2)
+            if all(np.hypot(*(c - o)) > 2.1 * r for o in centres):
+                centres.append(c)
+        for cx, cy in centres:
+            _draw(draw, shape, COLOURS[colour], cx, cy, r)
+        caption = f"{COUNT_WORDS[n]} {colour} {_plural(shape)}"
+        single = True
+    else:
+        while True:
+            colour2, shape2 = _pick_composition(rng, other_pool)
+            if (colour2, shape2) != (colour, shape):
+                break
+        relation = RELATIONS[rng.integers(len(RELATIONS))]
+        r = small_r
+        # Subject and object are separated along the relation's axis by at
+        # least 2.4 r and jittered less than r along the other axis.
+        along_a = rng.uniform(r + 1, S / 2 - 0.2 * r)
+        along_b = rng.uniform(S / 2 + 0.2 * r, S - r - 1)
+        if along_b - along_a < 2.4 * r:
+            along_b = min(S - r - 1, along_a + 2.4 * r)
+        across = rng.uniform(r + 1, S - r - 1)
+        jitter = rng.uniform(-0.8 * r, 0.8 * r)
+        across2 = float(np.clip(across + jitter, r + 1, S - r - 1))
+        first, second = (along_a, along_b) if relation in ("left of", "above") else (along_b, along_a)
+        if relation in ("left of", "right of"):
+            p1, p2 = (first, across), (second, across2)
+        else:
+            p1, p2 = (across, first), (across2, second)
+        _draw(draw, shape, COLOURS[colour], *p1, r)
+        _draw(draw, shape2, COLOURS[colour2], *p2, r)
+        caption = f"a {colour} {shape} {relation} a {colour2} {shape2}"
+        single = False
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return Scene(buf.getvalue(), caption, composition_index(colour, shape), single, kind)
+
+
+def iter_scenes(seed: int, split: str, num: int, image_size: int = 64) -> Iterator[tuple[int, Scene]]:
+    for i in range(num):
+        yield i, make_scene(seed, split, i, image_size)
+
+
+def train_captions(seed: int, num: int) -> Iterator[str]:
+    """Captions of the train split, for fitting a tokenizer (no images drawn)."""
+    for _, scene in iter_scenes(seed, "train", num, image_size=16):
+        yield scene.caption

@@ -1,0 +1,91 @@
+"""The embedded dataset as a TFDS builder (array_record files, no TensorFlow).
+
+``prepare(data_dir, config_name)`` generates the dataset once into ``data_dir``
+and fits a SentencePiece tokenizer on the train captions beside it; later calls
+reuse both. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from vlm_jax.data import scenes
+
+NAME = "vlm_shapes"
+IMAGE_SIZE = 64
+
+
+@dataclasses.dataclass
+class ShapesConfig(tfds.core.BuilderConfig):
+    num_train: int = 0
+    num_test: int = 0
+    seed: int = 0
+
+
+class VlmShapes(tfds.core.GeneratorBasedBuilder):
+    """Coloured-shape scenes with captions; see ``vlm_jax.data.scenes``."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+    BUILDER_CONFIGS = [
+        ShapesConfig(name="default", description="30k train scenes", num_train=30_000, num_test=1_000),
+        ShapesConfig(name="tiny", description="for tests", num_train=1_024, num_test=256),
+    ]
+    DEFAULT_CONFIG_NAME = "default"
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png"),
+                    "caption": tfds.features.Text(),
+                    "label": tfds.features.ClassLabel(names=scenes.composition_names()),
+                    "single_class": tfds.features.Scalar(dtype=np.bool_),
+                    "kind": tfds.features.ClassLabel(names=list(scenes.SCENE_KINDS)),
+                }
+            ),
+            supervised_keys=None,
+            description=__doc__,
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # procedurally generated: nothing to download
+        cfg = self.builder_config
+        sizes = {"train": cfg.num_train, "test_seen": cfg.num_test, "test_unseen": cfg.num_test}
+        return {split: self._generate_examples(split, n) for split, n in sizes.items()}
+
+    def _generate_examples(self, split: str, num: int):
+        for i, scene in scenes.iter_scenes(self.builder_config.seed, split, num, IMAGE_SIZE):
+            yield i, {
+                "image": scene.image_png,
+                "caption": scene.caption,
+                "label": scene.label,
+                "single_class": scene.single_class,
+                "kind": scene.kind,
+            }
+
+
+def builder(data_dir: str, config_name: str = "default") -> VlmShapes:
+    return VlmShapes(config=config_name, data_dir=data_dir, file_format="array_record")
+
+
+def tokenizer_path(data_dir: str, config_name: str = "default") -> str:
+    return os.path.join(data_dir, NAME, config_name, "tokenizer.model")
+
+
+def prepare(data_dir: str, config_name: str = "default", vocab_size: int = 64) -> VlmShapes:
+    """Generates the dataset and its tokenizer into ``data_dir`` unless present."""
+    b = builder(data_dir, config_name)
+    b.download_and_prepare()
+    path = tokenizer_path(data_dir, config_name)
+    if not os.path.exists(path):
+        from vlm_jax.data import tokenizers  # local import: sentencepiece only when needed
+
+        cfg = b.builder_config
+        captions = (s.caption for _, s in scenes.iter_scenes(cfg.seed, "train", cfg.num_train, IMAGE_SIZE))
+        tokenizers.train_sentencepiece(captions, path, vocab_size=vocab_size)
+    return b

@@ -1,0 +1,222 @@
+"""Image and text towers and the two-tower contrastive model (Flax linen).
+
+Parameters are plain pytrees and ``apply`` is pure. ``TwoTower`` returns
+L2-normalised embeddings z^I, z^T of shape (B, embed_dim), the learnable
+log-temperature log t and, when configured (sigmoid loss), the learnable bias b.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Published tower shapes: (width, depth, mlp_dim, heads).
+VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+}
+
+Dtype = Any
+
+
+def sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed 2-D sine-cosine position embedding, shape (1, h*w, width)."""
+    if width % 4:
+        raise ValueError(f"sincos2d position embedding needs width % 4 == 0, got {width}")
+    y, x = np.mgrid[:h, :w]
+    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1 or 1))
+    y = y.reshape(-1)[:, None] * omega[None]
+    x = x.reshape(-1)[:, None] * omega[None]
+    pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    return pe[None].astype(np.float32)
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
+        x = nn.gelu(x)
+        return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN Transformer block: x + MHA(LN(x)); x + MLP(LN(x))."""
+
+    mlp_dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        y = nn.LayerNorm(dtype=self.dtype, name="ln1")(x)
+        y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, name="attn")(y, y, mask=mask)
+        x = x + y
+        y = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
+        return x + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(y)
+
+
+class Encoder(nn.Module):
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        for i in range(self.depth):
+            x = EncoderBlock(self.mlp_dim, self.num_heads, self.dtype, name=f"block{i}")(x, mask)
+        return nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
+
+
+class MAPHead(nn.Module):
+    """Multi-head attention pooling: one learned query attends over the tokens."""
+
+    mlp_dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]))
+        probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(x.dtype)
+        y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, name="attn")(probe, x)
+        y = y + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(nn.LayerNorm(dtype=self.dtype, name="ln")(y))
+        return y[:, 0]
+
+
+class ViT(nn.Module):
+    """Vision Transformer image tower; returns pooled features (B, width)."""
+
+    patch_size: int
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    posemb: str = "learn"  # "learn" | "sincos2d"
+    pool: str = "gap"  # "cls" | "gap" | "map"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        chex.assert_rank(images, 4)
+        p = self.patch_size
+        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="patch_embed")(images)
+        b, h, w, c = x.shape
+        x = x.reshape(b, h * w, c)
+        if self.posemb == "learn":
+            pe = self.param("pos_embed", nn.initializers.normal(stddev=c**-0.5), (1, h * w, c))
+        elif self.posemb == "sincos2d":
+            pe = jnp.asarray(sincos_2d(h, w, c))
+        else:
+            raise ValueError(f"config.model.image.posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
+        x = x + pe.astype(x.dtype)
+        if self.pool == "cls":
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
+            x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)).astype(x.dtype), x], axis=1)
+        x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, name="encoder")(x)
+        if self.pool == "cls":
+            return x[:, 0]
+        if self.pool == "gap":
+            return x.mean(axis=1)
+        if self.pool == "map":
+            return MAPHead(self.mlp_dim, self.num_heads, self.dtype, name="map_head")(x)
+        raise ValueError(f"config.model.image.pool must be 'cls', 'gap' or 'map', got {self.pool!r}")
+
+
+class TextTransformer(nn.Module):
+    """Transformer text tower over int token ids (0 = padding); returns (B, width).
+
+    ``pool``: "eos" takes the last non-padding token (the tokenizers put EOS
+    there), "last" the final position, "mean" the mean over non-padding tokens.
+    """
+
+    vocab_size: int
+    max_len: int
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    causal: bool = True
+    pool: str = "eos"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens):
+        chex.assert_rank(tokens, 2)
+        b, length = tokens.shape
+        if length > self.max_len:
+            raise ValueError(f"text length {length} exceeds config.model.text.max_len={self.max_len}")
+        x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name="embed")(tokens)
+        pe = self.param("pos_embed", nn.initializers.normal(stddev=0.01), (1, self.max_len, self.width))
+        x = (x + pe[:, :length]).astype(self.dtype)
+        valid = tokens != 0
+        mask = nn.make_attention_mask(valid, valid)
+        if self.causal:
+            mask = nn.combine_masks(mask, nn.make_causal_mask(tokens))
+        # A row of padding attends to nothing; let padded queries see themselves
+        # so softmax stays finite (their outputs are never pooled).
+        mask = jnp.logical_or(mask, jnp.eye(length, dtype=bool)[None, None])
+        x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, name="encoder")(x, mask)
+        if self.pool == "eos":
+            last = jnp.maximum(valid.sum(axis=1) - 1, 0)
+            return x[jnp.arange(b), last]
+        if self.pool == "last":
+            return x[:, -1]
+        if self.pool == "mean":
+            w = valid.astype(x.dtype)[..., None]
+            return (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
+        raise ValueError(f"config.model.text.pool must be 'eos', 'last' or 'mean', got {self.pool!r}")
+
+
+class TwoTower(nn.Module):
+    """Image and text towers with linear projections to a shared embedding space."""
+
+    image: ViT
+    text: TextTransformer
+    embed_dim: int
+    log_t_init: float
+    bias_init: float | None = None  # None: no bias parameter (softmax loss)
+
+    def setup(self):
+        self.img_proj = nn.Dense(self.embed_dim, use_bias=False, name="img_proj")
+        self.txt_proj = nn.Dense(self.embed_dim, use_bias=False, name="txt_proj")
+        self.log_t = self.param("log_t", nn.initializers.constant(self.log_t_init), ())
+        if self.bias_init is not None:
+            self.bias = self.param("bias", nn.initializers.constant(self.bias_init), ())
+
+    @staticmethod
+    def _l2(x):
+        x = x.astype(jnp.float32)
+        return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+    def encode_image(self, images):
+        return self._l2(self.img_proj(self.image(images)))
+
+    def encode_text(self, tokens):
+        return self._l2(self.txt_proj(self.text(tokens)))
+
+    def __call__(self, images, tokens):
+        zimg, ztxt = self.encode_image(images), self.encode_text(tokens)
+        bias = self.bias if self.bias_init is not None else jnp.zeros((), jnp.float32)
+        return zimg, ztxt, self.log_t, bias
+
+
+def make_model(model_cfg, vocab_size: int) -> TwoTower:
+    """Builds the two-tower model from ``config.model`` (explicit, no registry)."""
+    dtype = jnp.dtype(model_cfg.dtype)
+    ic, tc = model_cfg.image, model_cfg.text
+    image = ViT(ic.patch_size, ic.width, ic.depth, ic.mlp_dim, ic.num_heads, ic.posemb, ic.pool, dtype)
+    text = TextTransformer(vocab_size, tc.max_len, tc.width, tc.depth, tc.mlp_dim, tc.num_heads, tc.causal, tc.pool, dtype)
+    return TwoTower(image, text, model_cfg.embed_dim, model_cfg.log_t_init, model_cfg.bias_init)
