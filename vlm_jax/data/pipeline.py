@@ -70,7 +70,8 @@ def open_dataset(data_cfg) -> Dataset:
                 f"config.data: feature {key!r} not in dataset {data_cfg.dataset!r} "
                 f"(features: {sorted(builder.info.features)})"
             )
-    label = builder.info.features.get(data_cfg.label_key) if data_cfg.label_key else None
+    features = builder.info.features
+    label = features[data_cfg.label_key] if data_cfg.label_key and data_cfg.label_key in features else None
     class_names = list(label.names) if label is not None and hasattr(label, "names") else None
     return Dataset(dict(sources), tok, class_names)
 

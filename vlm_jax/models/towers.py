@@ -213,10 +213,10 @@ class TwoTower(nn.Module):
         return zimg, ztxt, self.log_t, bias
 
 
-def make_model(model_cfg, vocab_size: int) -> TwoTower:
+def make_model(model_cfg, vocab_size: int, log_t_init: float, bias_init: float | None) -> TwoTower:
     """Builds the two-tower model from ``config.model`` (explicit, no registry)."""
     dtype = jnp.dtype(model_cfg.dtype)
     ic, tc = model_cfg.image, model_cfg.text
     image = ViT(ic.patch_size, ic.width, ic.depth, ic.mlp_dim, ic.num_heads, ic.posemb, ic.pool, dtype)
     text = TextTransformer(vocab_size, tc.max_len, tc.width, tc.depth, tc.mlp_dim, tc.num_heads, tc.causal, tc.pool, dtype)
-    return TwoTower(image, text, model_cfg.embed_dim, model_cfg.log_t_init, model_cfg.bias_init)
+    return TwoTower(image, text, model_cfg.embed_dim, log_t_init, bias_init)

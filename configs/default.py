@@ -1,0 +1,20 @@
+"""Default: a tiny CLIP (softmax InfoNCE) on the embedded shapes dataset.
+
+Trains on a 2-core CPU in a few minutes. ``configs/default.py:sigmoid`` gives
+the SigLIP variant (sigmoid loss, log t = log 10, b = -10).
+"""
+
+import math
+
+from vlm_jax.config import base_config
+
+
+def get_config(arg: str = "softmax"):
+    config = base_config()
+    config.loss.kind = arg
+    if arg == "sigmoid":
+        config.loss.log_t_init = math.log(10.0)
+        config.loss.bias_init = -10.0
+    config.train.steps = 1000
+    config.train.batch_size = 128
+    return config

@@ -1,0 +1,217 @@
+"""Configs: the schema with defaults, loading `file.py[:arg]`, overrides, checks.
+
+Every config file starts from ``base_config()``, a *locked* ConfigDict holding
+every known field: a misspelt field in a config file or on the command line is
+an error that names it (with a suggestion), never a silently ignored value.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import math
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+    """A mistake in the config, named by its field."""
+
+
+def base_config() -> ConfigDict:
+    """All fields with their defaults: a tiny CLIP on the embedded shapes data."""
+    c = ConfigDict()
+    c.seed = 0
+
+    c.data = ConfigDict()
+    c.data.dataset = "vlm_shapes"  # the embedded dataset, or any prepared TFDS name
+    c.data.dataset_config = "default"
+    c.data.data_dir = "./data"
+    c.data.train_split = "train"
+    c.data.image_key = "image"
+    c.data.text_key = "caption"
+    c.data.label_key = "label"  # ClassLabel feature for zero-shot ("" for none)
+    c.data.zeroshot_filter_key = "single_class"  # bool feature selecting zero-shot examples ("" for all)
+    c.data.image_size = 32
+    c.data.tokenizer = "sentencepiece"  # "sentencepiece" | "bytes"
+    c.data.tokenizer_path = ""  # "" with the embedded dataset: the model fitted beside it
+    c.data.vocab_size = 128  # only used when fitting the embedded dataset's tokenizer
+    c.data.num_threads = 2
+    c.data.prefetch = 4
+
+    c.model = ConfigDict()
+    c.model.embed_dim = 64
+    c.model.dtype = "float32"
+    c.model.image = ConfigDict(
+        dict(patch_size=4, width=96, depth=3, mlp_dim=384, num_heads=4, posemb="learn", pool="gap")
+    )
+    c.model.text = ConfigDict(
+        dict(max_len=16, width=96, depth=2, mlp_dim=384, num_heads=4, causal=True, pool="eos")
+    )
+
+    c.loss = ConfigDict()
+    c.loss.kind = "softmax"  # "softmax" (CLIP) | "sigmoid" (SigLIP)
+    c.loss.impl = "all_gather"
+    c.loss.log_t_init = math.log(1 / 0.07)
+    c.loss.bias_init = -10.0  # used by the sigmoid loss only
+
+    c.mesh = ConfigDict()
+    c.mesh.data = -1  # devices on the data axis; -1 = all
+
+    c.optim = ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.end_lr_fraction = 0.0
+    c.optim.weight_decay = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.grad_clip = 1.0
+
+    c.train = ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 128
+    c.train.log_every = 50
+    c.train.checkpoint_every = 250
+    c.train.keep_checkpoints = 2
+    c.train.eval_every = 500
+    c.train.progress = True
+
+    c.evaluate = ConfigDict()
+    c.evaluate.splits = ("test_seen", "test_unseen")
+    c.evaluate.templates = ("a {}", "a small {}", "a large {}")
+    c.evaluate.max_examples = 1000
+    c.evaluate.batch_size = 256
+    c.lock()
+    return c
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _unknown(path: str, key: str, options: Sequence[str]) -> ConfigError:
+    guess = difflib.get_close_matches(key, list(options), n=1)
+    hint = f"; did you mean {guess[0]!r}?" if guess else f"; known fields: {sorted(options)}"
+    return ConfigError(f"unknown config field {path!r}{hint}")
+
+
+def _resolve(config: ConfigDict, dotted: str) -> tuple[ConfigDict, str]:
+    parts = dotted.split(".")
+    node, walked = config, "config"
+    for p in parts[:-1]:
+        if not isinstance(node, ConfigDict) or p not in node:
+            raise _unknown(f"{walked}.{p}", p, node.keys() if isinstance(node, ConfigDict) else [])
+        node, walked = node[p], f"{walked}.{p}"
+    if not isinstance(node, ConfigDict) or parts[-1] not in node:
+        raise _unknown(f"config.{dotted}", parts[-1], node.keys() if isinstance(node, ConfigDict) else [])
+    return node, parts[-1]
+
+
+def _parse_value(field: str, text: str, current: Any) -> Any:
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text
+        raise ConfigError(f"config.{field}: cannot parse {text!r} as {type(current).__name__}") from None
+    if isinstance(current, bool) != isinstance(value, bool) and current is not None:
+        raise ConfigError(f"config.{field}: expected {type(current).__name__}, got {text!r}")
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, (list, tuple)):
+        value = tuple(value)
+    if current is not None and not isinstance(value, type(current)):
+        raise ConfigError(f"config.{field}: expected {type(current).__name__}, got {text!r}")
+    return value
+
+
+def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
+    """Applies ``a.b.c=value`` strings (the part after ``--config.``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like --config.field=value")
+        key, text = item.split("=", 1)
+        node, leaf = _resolve(config, key)
+        if isinstance(node[leaf], ConfigDict):
+            raise ConfigError(f"config.{key} is a section, not a value")
+        node[leaf] = _parse_value(key, text, node[leaf])
+    return config
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
+    """Loads ``path.py[:arg]`` (calling ``get_config(arg)``), applies overrides, checks."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: no config file at {path!r}")
+    module_spec = importlib.util.spec_from_file_location(f"_vlm_jax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except AttributeError as e:  # a locked ConfigDict rejects unknown fields this way
+        raise ConfigError(f"{path}: {str(e).strip(chr(39))}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config()")
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except AttributeError as e:
+        raise ConfigError(f"{path}: {str(e).strip(chr(39))}") from e
+    apply_overrides(config, overrides)
+    check_config(config)
+    return config
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_schema(config: ConfigDict, schema: ConfigDict, prefix: str) -> None:
+    for key in config.keys():
+        if key not in schema:
+            raise _unknown(f"{prefix}.{key}", key, schema.keys())
+        if isinstance(schema[key], ConfigDict):
+            if not isinstance(config[key], ConfigDict):
+                raise ConfigError(f"{prefix}.{key} must be a section")
+            _check_schema(config[key], schema[key], f"{prefix}.{key}")
+
+
+def _require(cond: bool, field: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"config.{field}: {message}")
+
+
+def check_config(config: ConfigDict) -> None:
+    """Device-independent checks; ``check_against_mesh`` does the rest."""
+    from vlm_jax import losses  # local: keep config importable without jax
+
+    _check_schema(config, base_config(), "config")
+    _require(config.loss.kind in ("softmax", "sigmoid"), "loss.kind", f"must be 'softmax' or 'sigmoid', got {config.loss.kind!r}")
+    impls = losses.SOFTMAX_IMPLS if config.loss.kind == "softmax" else losses.SIGMOID_IMPLS
+    _require(config.loss.impl in impls, "loss.impl", f"must be one of {impls} for loss.kind={config.loss.kind!r}, got {config.loss.impl!r}")
+    _require(config.train.steps > 0, "train.steps", "must be positive")
+    _require(config.train.batch_size > 0, "train.batch_size", "must be positive")
+    for f in ("log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
+        _require(config.train[f] > 0, f"train.{f}", "must be positive")
+    _require(config.data.tokenizer in ("sentencepiece", "bytes"), "data.tokenizer", f"must be 'sentencepiece' or 'bytes', got {config.data.tokenizer!r}")
+    _require(config.data.image_size % config.model.image.patch_size == 0, "model.image.patch_size",
+             f"{config.model.image.patch_size} does not divide data.image_size={config.data.image_size}")
+    for tower in ("image", "text"):
+        t = config.model[tower]
+        _require(t.width % t.num_heads == 0, f"model.{tower}.num_heads", f"{t.num_heads} does not divide width {t.width}")
+    _require(config.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {config.model.dtype!r}")
+    _require(config.mesh.data == -1 or config.mesh.data > 0, "mesh.data", "must be -1 (all devices) or positive")
+    for i, tmpl in enumerate(config.evaluate.templates):
+        _require("{}" in tmpl, f"evaluate.templates[{i}]", f"{tmpl!r} has no '{{}}' for the class name")
+
+
+def check_against_mesh(config: ConfigDict, num_data_devices: int) -> None:
+    _require(
+        config.train.batch_size % num_data_devices == 0,
+        "train.batch_size",
+        f"{config.train.batch_size} is not divisible by the {num_data_devices} data-parallel devices",
+    )

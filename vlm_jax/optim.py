@@ -1,0 +1,33 @@
+"""AdamW with linear warm-up, cosine decay, global-norm clipping, masked decay."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    warmup = min(optim_cfg.warmup_steps, total_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=optim_cfg.lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=optim_cfg.lr * optim_cfg.end_lr_fraction,
+    )
+
+
+def decay_mask(params):
+    """Decay matrices and embeddings only: biases, norm scales/offsets (rank 1)
+    and the scalar temperature and bias (rank 0) are left alone."""
+    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = learning_rate_schedule(optim_cfg, total_steps)
+    tx = optax.chain(
+        optax.clip_by_global_norm(optim_cfg.grad_clip),
+        optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                    weight_decay=optim_cfg.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
