@@ -137,7 +137,7 @@ def make_train_step(config, model: towers.TwoTower, tx: optax.GradientTransforma
             "train/loss": loss,
             "train/log_temp": log_t,
             "train/learning_rate": schedule(state["step"]),
-            "train/grad_norm": optax.global_norm(grads),
+            "train/grad_norm": optax.tree.norm(grads),
         }
         if kind == "sigmoid":
             out["train/bias"] = bias

@@ -1,0 +1,62 @@
+"""Shared fixtures. Eight simulated CPU devices, set before JAX is imported."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The embedded dataset's 'tiny' config, generated once per session."""
+    from vlm_jax.data import shapes_tfds
+
+    d = str(tmp_path_factory.mktemp("tfds"))
+    shapes_tfds.prepare(d, "tiny")
+    return d
+
+
+def tiny_overrides(data_dir: str, **extra) -> list[str]:
+    """Command-line overrides for a tiny, fast run of configs/default.py."""
+    values = {
+        "data.data_dir": data_dir,
+        "data.dataset_config": "tiny",
+        "model.embed_dim": 32,
+        "model.image.width": 32,
+        "model.image.depth": 1,
+        "model.image.mlp_dim": 64,
+        "model.image.num_heads": 2,
+        "model.text.width": 32,
+        "model.text.depth": 1,
+        "model.text.mlp_dim": 64,
+        "model.text.num_heads": 2,
+        "train.batch_size": 32,
+        "train.steps": 24,
+        "train.log_every": 2,
+        "train.eval_every": 8,
+        "train.checkpoint_every": 4,
+        "train.progress": False,
+        "optim.warmup_steps": 4,
+        "evaluate.max_examples": 64,
+        "evaluate.batch_size": 32,
+    }
+    values.update(extra)
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def load_tiny_config(data_dir: str, config_file: str = "configs/default.py", **extra):
+    from vlm_jax import config as config_lib
+
+    return config_lib.load_config(config_file, [o[len("--config."):] for o in tiny_overrides(data_dir, **extra)])
+
+
+@pytest.fixture(scope="session")
+def trained_softmax(data_dir, tmp_path_factory):
+    """An uninterrupted tiny CLIP run: (workdir, metrics rows)."""
+    from vlm_jax import metrics, train
+
+    workdir = str(tmp_path_factory.mktemp("softmax_run"))
+    train.train(load_tiny_config(data_dir), workdir)
+    return workdir, metrics.read_metrics(workdir)

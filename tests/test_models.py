@@ -1,0 +1,73 @@
+"""Towers and the two-tower model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax.models import towers
+
+
+def _vit(**kw):
+    args = dict(patch_size=4, width=32, depth=1, mlp_dim=64, num_heads=2)
+    args.update(kw)
+    return towers.ViT(**args)
+
+
+def _text(**kw):
+    args = dict(vocab_size=50, max_len=10, width=32, depth=1, mlp_dim=64, num_heads=2)
+    args.update(kw)
+    return towers.TextTransformer(**args)
+
+
+@pytest.mark.parametrize("pool", ["cls", "gap", "map"])
+@pytest.mark.parametrize("posemb", ["learn", "sincos2d"])
+def test_vit_pools_to_width(pool, posemb):
+    m = _vit(pool=pool, posemb=posemb)
+    x = jnp.ones((3, 16, 16, 3))
+    params = m.init(jax.random.PRNGKey(0), x)
+    assert m.apply(params, x).shape == (3, 32)
+    assert ("pos_embed" in params["params"]) == (posemb == "learn")
+
+
+@pytest.mark.parametrize("pool", ["eos", "last", "mean"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_text_tower_is_invariant_to_trailing_padding_where_it_should_be(pool, causal):
+    m = _text(pool=pool, causal=causal)
+    short = jnp.array([[5, 6, 7, 1, 0, 0, 0, 0]])
+    longer = jnp.array([[5, 6, 7, 1, 0, 0, 0, 0, 0, 0]])
+    params = m.init(jax.random.PRNGKey(0), short)
+    a, b = m.apply(params, short), m.apply(params, longer)
+    assert a.shape == (1, 32)
+    if pool in ("eos", "mean"):  # padding is masked out of attention and pooling
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_eos_embedding_ignores_nothing_before_eos():
+    m = _text(pool="eos", causal=True)
+    a = jnp.array([[5, 6, 7, 1, 0, 0]])
+    b = jnp.array([[9, 6, 7, 1, 0, 0]])
+    params = m.init(jax.random.PRNGKey(0), a)
+    assert not np.allclose(m.apply(params, a), m.apply(params, b))
+
+
+def test_two_tower_outputs_unit_embeddings_and_scalars():
+    model = towers.TwoTower(_vit(), _text(), embed_dim=16, log_t_init=2.5, bias_init=-10.0)
+    images, tokens = jnp.ones((4, 16, 16, 3)), jnp.ones((4, 10), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), images, tokens)
+    zi, zt, log_t, bias = model.apply(params, images, tokens)
+    assert zi.shape == zt.shape == (4, 16)
+    np.testing.assert_allclose(jnp.linalg.norm(zi, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(zt, axis=1), 1.0, rtol=1e-5)
+    assert float(log_t) == pytest.approx(2.5) and float(bias) == -10.0
+    no_bias = towers.TwoTower(_vit(), _text(), embed_dim=16, log_t_init=2.5)
+    assert "bias" not in no_bias.init(jax.random.PRNGKey(0), images, tokens)["params"]
+
+
+def test_published_vit_b16_image_tower_size():
+    """ViT-B/16 at 224 px with a class token: 85.8 M parameters before any head."""
+    w, depth, mlp, heads = towers.VIT_SIZES["B"]
+    m = towers.ViT(16, w, depth, mlp, heads, pool="cls")
+    shapes = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.ones((1, 224, 224, 3)))
+    n = sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+    assert abs(n - 85.8e6) / 85.8e6 < 0.005, n

@@ -1,0 +1,89 @@
+"""End-to-end training: learning, metrics, evaluation CLI, kill-and-resume, NaN stop."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import load_tiny_config, tiny_overrides
+from vlm_jax import evaluate, metrics, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING_KEYS = ("train/examples_per_sec",)
+
+
+def _deterministic(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def test_softmax_run_learns_and_logs_everything(trained_softmax):
+    workdir, rows = trained_softmax
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert losses[-1] < losses[0] - 0.3, losses
+    last = rows[-1]
+    assert last["step"] == 24
+    for key in ("train/loss", "train/log_temp", "train/learning_rate", "train/examples_per_sec",
+                "zeroshot/test_seen/top1", "zeroshot/test_unseen/top5", "retrieval/test_seen/i2t_r1",
+                "retrieval/test_unseen/t2i_r10"):
+        assert key in last, key
+    assert "train/bias" not in last  # softmax has no bias
+    assert os.path.exists(os.path.join(workdir, "config.json"))
+    assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+
+
+def test_sigmoid_run_learns_and_logs_bias(data_dir, tmp_path):
+    cfg = load_tiny_config(data_dir, "configs/default.py:sigmoid", **{"train.steps": 12})
+    train.train(cfg, str(tmp_path))
+    rows = metrics.read_metrics(str(tmp_path))
+    assert rows[0]["train/bias"] == pytest.approx(-10.0, abs=0.1)
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+
+
+def test_evaluate_cli_reproduces_the_final_metrics(trained_softmax, data_dir, capsys):
+    workdir, rows = trained_softmax
+    out = evaluate.main(["--config", "configs/default.py", "--workdir", workdir] + tiny_overrides(data_dir))
+    assert out
+    for k, v in out.items():
+        assert rows[-1][k] == pytest.approx(v, abs=1e-6), k
+    assert "zeroshot/test_seen/top1" in capsys.readouterr().out
+
+
+def test_sigkill_and_restart_reproduce_the_uninterrupted_run(trained_softmax, data_dir, tmp_path):
+    _, reference = trained_softmax
+    workdir = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "vlm_jax.train", "--config", "configs/default.py", "--workdir", workdir]
+    cmd += tiny_overrides(data_dir)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first_ckpt = os.path.join(workdir, "checkpoints", "4")
+    deadline = time.time() + 300
+    while not os.path.isdir(first_ckpt) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    killed_rows = metrics.read_metrics(workdir)
+    assert killed_rows and killed_rows[-1]["step"] < 24, "the run finished before it could be killed"
+
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed" in done.stderr
+    resumed = metrics.read_metrics(workdir)
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference]
+    assert _deterministic(resumed) == _deterministic(reference)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    cfg = load_tiny_config(data_dir, **{"optim.lr": 1e30, "optim.warmup_steps": 1, "optim.grad_clip": 1e30,
+                                         "train.checkpoint_every": 1, "train.steps": 10})
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step (\d+)") as info:
+        train.train(cfg, str(tmp_path))
+    bad_step = int(str(info.value).split("at step ")[1].split(";")[0])
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert saved and saved[-1] == bad_step - 1
+    assert f"step {bad_step - 1}" in str(info.value)
+    rows = metrics.read_metrics(str(tmp_path))
+    assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
