@@ -1,0 +1,83 @@
+"""Config mistakes fail at start-up with one message naming the field; nothing is lost."""
+
+import os
+
+import pytest
+
+from conftest import tiny_overrides
+from vlm_jax import config as config_lib, train
+
+
+def _run(workdir, *overrides, data_dir=None, config="configs/default.py"):
+    argv = ["--config", config, "--workdir", str(workdir)]
+    if data_dir:
+        argv += tiny_overrides(data_dir)
+    argv += list(overrides)
+    with pytest.raises(SystemExit) as info:
+        train.main(argv)
+    return str(info.value)
+
+
+def test_misspelt_override_names_the_field_and_suggests(tmp_path):
+    msg = _run(tmp_path, "--config.train.stpes=3")
+    assert "config.train.stpes" in msg and "did you mean 'steps'" in msg
+    assert "config.modle" in _run(tmp_path, "--config.modle.embed_dim=3")
+
+
+def test_wrongly_typed_override_names_the_field(tmp_path):
+    assert "config.train.steps" in _run(tmp_path, "--config.train.steps=many")
+
+
+def test_misspelt_field_in_a_config_file_names_it(tmp_path):
+    path = tmp_path / "forked.py"
+    path.write_text(
+        "from vlm_jax.config import base_config\n"
+        "def get_config():\n"
+        "    c = base_config()\n"
+        "    c.model.image.widht = 64\n"
+        "    return c\n"
+    )
+    msg = _run(tmp_path, config=str(path))
+    assert "widht" in msg and "width" in msg and "forked.py" in msg
+
+
+def test_batch_not_divisible_by_data_devices(tmp_path, data_dir):
+    msg = _run(tmp_path, "--config.train.batch_size=12", data_dir=data_dir)
+    assert "config.train.batch_size: 12 is not divisible by the 8 data-parallel devices" in msg
+
+
+def test_missing_dataset(tmp_path, data_dir):
+    msg = _run(tmp_path, "--config.data.dataset=no_such_dataset", data_dir=data_dir)
+    assert "config.data.dataset" in msg and "no_such_dataset" in msg
+
+
+def test_missing_tokenizer(tmp_path, data_dir):
+    msg = _run(tmp_path, f"--config.data.tokenizer_path={tmp_path}/missing.model", data_dir=data_dir)
+    assert "config.data.tokenizer_path" in msg and "missing.model" in msg
+
+
+def test_missing_config_file(tmp_path):
+    assert "no config file" in _run(tmp_path, config=str(tmp_path / "nope.py"))
+
+
+def test_workdir_from_an_incompatible_config_is_refused_and_left_intact(trained_softmax, data_dir):
+    workdir, rows = trained_softmax
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    msg = _run(workdir, "--config.model.image.width=48", data_dir=data_dir)
+    assert "incompatible config" in msg
+    assert "config.model.image.width is 32 in the checkpoint but 48 now" in msg
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+    from vlm_jax import metrics
+
+    assert metrics.read_metrics(workdir) == rows
+
+
+def test_semantic_checks():
+    c = config_lib.base_config()
+    c.loss.impl = "ring_of_fire"
+    with pytest.raises(config_lib.ConfigError, match=r"config.loss.impl"):
+        config_lib.check_config(c)
+    c = config_lib.base_config()
+    c.model.image.patch_size = 5
+    with pytest.raises(config_lib.ConfigError, match=r"config.model.image.patch_size"):
+        config_lib.check_config(c)
