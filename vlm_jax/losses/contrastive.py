@@ -20,7 +20,10 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
+
+from vlm_jax.losses import blockwise
 
 Axis = str | Sequence[str]
 
@@ -49,6 +52,31 @@ def _check_inputs(zimg: jax.Array, ztxt: jax.Array, mesh: Mesh | None, axis: Axi
             raise ValueError(
                 f"global batch B={zimg.shape[0]} is not divisible by the {n} devices of mesh axis {axis!r}"
             )
+
+
+DEFAULT_MAX_TILE = 512
+
+
+def _mesh_for(impl: str, mesh: Mesh | None, axis: Axis) -> tuple[Mesh | None, Axis]:
+    """Memory-linear impls without a mesh run on a one-device mesh (so that a
+    single accelerator gets the same O(b·d) memory), the others densely."""
+    if mesh is None and impl in ("ring", "tiled"):
+        return Mesh(np.asarray(jax.devices()[:1]), ("data",)), "data"
+    return mesh, axis
+
+
+def _tile_kw(impl: str, zimg: jax.Array, mesh: Mesh, axis: Axis, tile: int | None) -> dict:
+    if impl != "tiled":
+        if tile is not None:
+            raise ValueError(f"tile={tile} applies to impl='tiled' only, not {impl!r}")
+        return {}
+    n = 1
+    for a in _axis_tuple(axis):
+        n *= mesh.shape[a]
+    b = zimg.shape[0] // n
+    if tile is None:  # the largest divisor of b up to DEFAULT_MAX_TILE
+        tile = max(t for t in range(1, min(b, DEFAULT_MAX_TILE) + 1) if b % t == 0)
+    return {"tile": blockwise.check_tile(b, tile)}
 
 
 def _sharded(local_fn: Callable, mesh: Mesh, axis: Axis, n_sharded: int, n_replicated: int) -> Callable:
@@ -98,6 +126,7 @@ def softmax_loss(
     impl: str = "all_gather",
     mesh: Mesh | None = None,
     axis: Axis = "data",
+    tile: int | None = None,
 ) -> jax.Array:
     r"""CLIP softmax InfoNCE over the global batch.
 
@@ -115,16 +144,27 @@ def softmax_loss(
       (≈ 12·B²·d summed over devices).
     With ``mesh=None``: the dense formula, one B×B logit matrix.
     """
-    _check_inputs(zimg, ztxt, mesh, axis)
     if impl not in _SOFTMAX_IMPLS:
         raise ValueError(f"softmax_loss: impl must be one of {sorted(_SOFTMAX_IMPLS)}, got {impl!r}")
+    mesh, axis = _mesh_for(impl, mesh, axis)
+    _check_inputs(zimg, ztxt, mesh, axis)
     if mesh is None:
         return _softmax_dense(zimg, ztxt, log_t)
-    local = functools.partial(_SOFTMAX_IMPLS[impl], axis=axis)
+    local = functools.partial(_SOFTMAX_IMPLS[impl], axis=axis, **_tile_kw(impl, zimg, mesh, axis, tile))
     return _sharded(local, mesh, axis, 2, 1)(zimg, ztxt, log_t)
 
 
-_SOFTMAX_IMPLS: dict[str, Callable] = {"all_gather": _softmax_all_gather_local}
+def _softmax_blockwise_local(zi, zt, log_t, *, axis, tile):
+    axes = _axis_tuple(axis)
+    n = jax.lax.axis_size(axes)
+    return blockwise.softmax_ring_local(zi, zt, log_t, axes, n, blockwise.check_tile(zi.shape[0], tile))
+
+
+_SOFTMAX_IMPLS: dict[str, Callable] = {
+    "all_gather": _softmax_all_gather_local,
+    "ring": functools.partial(_softmax_blockwise_local, tile=None),
+    "tiled": _softmax_blockwise_local,
+}
 
 
 # --------------------------------------------------------------------------- sigmoid
@@ -163,6 +203,7 @@ def sigmoid_loss(
     impl: str = "all_gather",
     mesh: Mesh | None = None,
     axis: Axis = "data",
+    tile: int | None = None,
 ) -> jax.Array:
     r"""SigLIP pairwise sigmoid loss over the global batch.
 
@@ -178,16 +219,27 @@ def sigmoid_loss(
       FLOPs: 2·b·B·d forward, ≈ 4·b·B·d backward (≈ 6·B²·d over all devices).
     With ``mesh=None``: the dense formula, one B×B logit matrix.
     """
-    _check_inputs(zimg, ztxt, mesh, axis)
     if impl not in _SIGMOID_IMPLS:
         raise ValueError(f"sigmoid_loss: impl must be one of {sorted(_SIGMOID_IMPLS)}, got {impl!r}")
+    mesh, axis = _mesh_for(impl, mesh, axis)
+    _check_inputs(zimg, ztxt, mesh, axis)
     if mesh is None:
         return _sigmoid_dense(zimg, ztxt, log_t, bias)
-    local = functools.partial(_SIGMOID_IMPLS[impl], axis=axis)
+    local = functools.partial(_SIGMOID_IMPLS[impl], axis=axis, **_tile_kw(impl, zimg, mesh, axis, tile))
     return _sharded(local, mesh, axis, 2, 2)(zimg, ztxt, log_t, bias)
 
 
-_SIGMOID_IMPLS: dict[str, Callable] = {"all_gather": _sigmoid_all_gather_local}
+def _sigmoid_blockwise_local(zi, zt, log_t, bias, *, axis, tile):
+    axes = _axis_tuple(axis)
+    n = jax.lax.axis_size(axes)
+    return blockwise.sigmoid_ring_local(zi, zt, log_t, bias, axes, n, blockwise.check_tile(zi.shape[0], tile))
+
+
+_SIGMOID_IMPLS: dict[str, Callable] = {
+    "all_gather": _sigmoid_all_gather_local,
+    "ring": functools.partial(_sigmoid_blockwise_local, tile=None),
+    "tiled": _sigmoid_blockwise_local,
+}
 
 SOFTMAX_IMPLS = tuple(_SOFTMAX_IMPLS)
 SIGMOID_IMPLS = tuple(_SIGMOID_IMPLS)

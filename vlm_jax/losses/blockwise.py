@@ -1,0 +1,263 @@
+"""Memory-linear sharded losses: ring over devices, tiles within a device.
+
+Each device holds its b rows of z^I and z^T. The other modality's chunk
+travels around the ring of N devices with ``ppermute``; at step k device p
+scores its images against the texts of device (p − k) mod N. A block of
+logits is never stored: a ``jax.custom_vjp`` keeps only O(b) statistics and
+recomputes every block in the backward pass, where the gradient accumulator of
+a text chunk travels the ring with it and arrives home after the last step.
+
+Within a device each (b × b) block is processed in (tile × tile) pieces with
+``lax.scan``; ``tile=None`` means one piece per block (the "ring" impls).
+
+Both functions here are per-device bodies meant to run inside ``shard_map``
+over ``axes``; they return the global loss (already reduced over the ring).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def _dot_t(a, b):
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(a, b):
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _varying(x, axes):
+    """Marks a constant as device-varying so it can be a loop carry next to
+    per-device values under shard_map's type checking."""
+    return jax.lax.pcast(x, tuple(axes), to="varying")
+
+
+def _shift(x, axes, n):
+    """Sends x to the next device of the ring: device p receives from p − 1."""
+    return jax.lax.ppermute(x, tuple(axes), perm=[(i, (i + 1) % n) for i in range(n)])
+
+
+def _tiles(x, tile):
+    b = x.shape[0]
+    return x.reshape(b // tile, tile, *x.shape[1:])
+
+
+def check_tile(b: int, tile: int | None) -> int:
+    if tile is None:
+        return b
+    if tile <= 0 or b % tile:
+        raise ValueError(f"tile={tile} must be a positive divisor of the per-device batch b={b}")
+    return tile
+
+
+# =========================================================================== softmax
+
+
+def _softmax_block_lse(zi, zc, t, tile, axes):
+    """Row and column log-sum-exp of x = t·zi·zcᵀ in tile × tile pieces."""
+    b, d = zi.shape
+
+    def row_tile(col_lse, zi_r):
+        def col_tile(row_lse_r, zc_c):
+            x = t * _dot_t(zi_r, zc_c)
+            return jnp.logaddexp(row_lse_r, jax.nn.logsumexp(x, axis=1)), jax.nn.logsumexp(x, axis=0)
+
+        init = _varying(jnp.full((tile,), NEG_INF, jnp.float32), axes)
+        row_lse_r, col_parts = jax.lax.scan(col_tile, init, _tiles(zc, tile))
+        return jnp.logaddexp(col_lse, col_parts.reshape(b)), row_lse_r
+
+    init = _varying(jnp.full((b,), NEG_INF, jnp.float32), axes)
+    col_lse, row_lse = jax.lax.scan(row_tile, init, _tiles(zi, tile))
+    return row_lse.reshape(b), col_lse
+
+
+def _softmax_block_grad(zi, zc, row_lse, col_lse, t, scale, tile, axes):
+    """For G = scale·(softmax_rows(x) + softmax_cols(x)) with x = t·zi·zcᵀ,
+    returns (t·G·zc, t·Gᵀ·zi, Σ G∘x) without storing x."""
+    b, d = zi.shape
+
+    def row_tile(carry, xs):
+        dzc, dlt = carry
+        zi_r, rl_r = xs
+
+        def col_tile(inner, ys):
+            dzi_r, dlt = inner
+            zc_c, cl_c = ys
+            x = t * _dot_t(zi_r, zc_c)
+            g = scale * (jnp.exp(x - rl_r[:, None]) + jnp.exp(x - cl_c[None, :]))
+            return (dzi_r + t * _dot(g.astype(zc_c.dtype), zc_c), dlt + jnp.sum(g * x)), t * _dot(g.T.astype(zi_r.dtype), zi_r)
+
+        (dzi_r, dlt), dzc_parts = jax.lax.scan(
+            col_tile, (_varying(jnp.zeros((tile, d), jnp.float32), axes), dlt),
+            (_tiles(zc, tile), _tiles(col_lse, tile)),
+        )
+        return (dzc + dzc_parts.reshape(b, d), dlt), dzi_r
+
+    zero_dz = _varying(jnp.zeros((b, d), jnp.float32), axes)
+    (dzc, dlt), dzi = jax.lax.scan(
+        row_tile, (zero_dz, _varying(jnp.zeros((), jnp.float32), axes)), (_tiles(zi, tile), _tiles(row_lse, tile))
+    )
+    return dzi.reshape(b, d), dzc, dlt
+
+
+def _softmax_ring_fwd_stats(zi, zt, t, axes, n, tile):
+    """Row LSE of my images over all texts, and column LSE of my texts over all images."""
+
+    def step(_, carry):
+        zc, col_lse_c, row_lse = carry
+        r, c = _softmax_block_lse(zi, zc, t, tile, axes)
+        return _shift(zc, axes, n), _shift(jnp.logaddexp(col_lse_c, c), axes, n), jnp.logaddexp(row_lse, r)
+
+    b = zi.shape[0]
+    init_lse = _varying(jnp.full((b,), NEG_INF, jnp.float32), axes)
+    zc, col_lse_c, row_lse = jax.lax.fori_loop(0, n - 1, step, (zt, init_lse, init_lse))
+    r, c = _softmax_block_lse(zi, zc, t, tile, axes)
+    # The chunk now here came from device p + 1; its column statistics go home.
+    return jnp.logaddexp(row_lse, r), _shift(jnp.logaddexp(col_lse_c, c), axes, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def softmax_ring_local(zi, zt, log_t, axes: Sequence[str], n: int, tile: int):
+    loss, _ = _softmax_ring_fwd(zi, zt, log_t, axes, n, tile)
+    return loss
+
+
+def _softmax_ring_fwd(zi, zt, log_t, axes, n, tile):
+    t = jnp.exp(log_t.astype(jnp.float32))
+    row_lse, col_lse = _softmax_ring_fwd_stats(zi, zt, t, axes, n, tile)
+    pos = t * jnp.sum(zi.astype(jnp.float32) * zt.astype(jnp.float32), axis=1)
+    big_b = zi.shape[0] * n
+    loss = jax.lax.psum(jnp.sum(row_lse + col_lse - 2.0 * pos), axes) / (2.0 * big_b)
+    return loss, (zi, zt, log_t, row_lse, col_lse)
+
+
+def _softmax_ring_bwd(axes, n, tile, res, ct):
+    zi, zt, log_t, row_lse, col_lse = res
+    t = jnp.exp(log_t.astype(jnp.float32))
+    b, d = zi.shape
+    scale = ct / (2.0 * b * n)
+
+    def step(_, carry):
+        zc, cl_c, dzc, dzi, dlt = carry
+        gi, gc, gl = _softmax_block_grad(zi, zc, row_lse, cl_c, t, scale, tile, axes)
+        return _shift(zc, axes, n), _shift(cl_c, axes, n), _shift(dzc + gc, axes, n), dzi + gi, dlt + gl
+
+    zeros = _varying(jnp.zeros((b, d), jnp.float32), axes)
+    init = (zt, col_lse, zeros, zeros, _varying(jnp.zeros((), jnp.float32), axes))
+    zc, cl_c, dzc, dzi, dlt = jax.lax.fori_loop(0, n - 1, step, init)
+    gi, gc, gl = _softmax_block_grad(zi, zc, row_lse, cl_c, t, scale, tile, axes)
+    dzi, dzc, dlt = dzi + gi, _shift(dzc + gc, axes, n), dlt + gl
+    # The positives: −2·t·z^I_i·z^T_i / (2B) per row.
+    zi32, zt32 = zi.astype(jnp.float32), zt.astype(jnp.float32)
+    dzi = dzi - 2.0 * scale * t * zt32
+    dzt = dzc - 2.0 * scale * t * zi32
+    dlt = dlt - 2.0 * scale * t * jnp.sum(zi32 * zt32)
+    return dzi.astype(zi.dtype), dzt.astype(zt.dtype), jax.lax.psum(dlt, axes).astype(log_t.dtype)
+
+
+softmax_ring_local.defvjp(_softmax_ring_fwd, _softmax_ring_bwd)
+
+
+# =========================================================================== sigmoid
+
+
+def _sigmoid_block(zi, zc, t, bias, offset, tile, axes, scale=None):
+    """Forward (scale=None): Σ softplus(−ℓ·x) over the block, x = t·zi·zcᵀ + b,
+    ℓ = +1 where column == row + offset. Backward: with G = scale·(−ℓ·σ(−ℓ·x)),
+    returns (t·G·zc, t·Gᵀ·zi, Σ G∘(x − b), Σ G)."""
+    b, d = zi.shape
+    rows0 = jnp.arange(tile)
+
+    def row_tile(carry, xs):
+        zi_r, r = xs
+
+        def col_tile(inner, ys):
+            zc_c, c = ys
+            s = t * _dot_t(zi_r, zc_c)
+            x = s + bias
+            rows = r * tile + rows0[:, None]
+            cols = c * tile + rows0[None, :]
+            sign = jnp.where(cols == rows + offset, 1.0, -1.0)
+            if scale is None:
+                return inner + jnp.sum(jax.nn.softplus(-sign * x)), None
+            dzi_r, dlt, db = inner
+            g = -scale * sign * jax.nn.sigmoid(-sign * x)
+            new = (dzi_r + t * _dot(g.astype(zc_c.dtype), zc_c), dlt + jnp.sum(g * s), db + jnp.sum(g))
+            return new, t * _dot(g.T.astype(zi_r.dtype), zi_r)
+
+        if scale is None:
+            total, _ = jax.lax.scan(col_tile, carry, (_tiles(zc, tile), jnp.arange(b // tile)))
+            return total, None
+        dzc, dlt, db = carry
+        zero = _varying(jnp.zeros((tile, d), jnp.float32), axes)
+        (dzi_r, dlt, db), dzc_parts = jax.lax.scan(col_tile, (zero, dlt, db), (_tiles(zc, tile), jnp.arange(b // tile)))
+        return (dzc + dzc_parts.reshape(b, d), dlt, db), dzi_r
+
+    xs = (_tiles(zi, tile), jnp.arange(b // tile))
+    zero_s = _varying(jnp.zeros((), jnp.float32), axes)
+    if scale is None:
+        total, _ = jax.lax.scan(row_tile, zero_s, xs)
+        return total
+    zero_dz = _varying(jnp.zeros((b, d), jnp.float32), axes)
+    (dzc, dlt, db), dzi = jax.lax.scan(row_tile, (zero_dz, zero_s, zero_s), xs)
+    return dzi.reshape(b, d), dzc, dlt, db
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def sigmoid_ring_local(zi, zt, log_t, bias, axes: Sequence[str], n: int, tile: int):
+    loss, _ = _sigmoid_ring_fwd(zi, zt, log_t, bias, axes, n, tile)
+    return loss
+
+
+def _sigmoid_ring_fwd(zi, zt, log_t, bias, axes, n, tile):
+    t = jnp.exp(log_t.astype(jnp.float32))
+    bias32 = bias.astype(jnp.float32)
+    b = zi.shape[0]
+    me = jax.lax.axis_index(tuple(axes))
+
+    def step(k, carry):
+        zc, total = carry
+        offset = (me - (me - k) % n) * b  # the chunk came from device (me − k) mod n
+        return _shift(zc, axes, n), total + _sigmoid_block(zi, zc, t, bias32, offset, tile, axes)
+
+    zc, total = jax.lax.fori_loop(0, n - 1, step, (zt, _varying(jnp.zeros((), jnp.float32), axes)))
+    total = total + _sigmoid_block(zi, zc, t, bias32, (me - (me - (n - 1)) % n) * b, tile, axes)
+    loss = jax.lax.psum(total, axes) / (b * n)
+    return loss, (zi, zt, log_t, bias)
+
+
+def _sigmoid_ring_bwd(axes, n, tile, res, ct):
+    zi, zt, log_t, bias = res
+    t = jnp.exp(log_t.astype(jnp.float32))
+    bias32 = bias.astype(jnp.float32)
+    b, d = zi.shape
+    scale = ct / (b * n)
+    me = jax.lax.axis_index(tuple(axes))
+
+    def step(k, carry):
+        zc, dzc, dzi, dlt, db = carry
+        offset = (me - (me - k) % n) * b
+        gi, gc, gl, gb = _sigmoid_block(zi, zc, t, bias32, offset, tile, axes, scale)
+        return _shift(zc, axes, n), _shift(dzc + gc, axes, n), dzi + gi, dlt + gl, db + gb
+
+    zeros = _varying(jnp.zeros((b, d), jnp.float32), axes)
+    zero = _varying(jnp.zeros((), jnp.float32), axes)
+    zc, dzc, dzi, dlt, db = jax.lax.fori_loop(0, n - 1, step, (zt, zeros, zeros, zero, zero))
+    gi, gc, gl, gb = _sigmoid_block(zi, zc, t, bias32, (me - (me - (n - 1)) % n) * b, tile, axes, scale)
+    dzt = _shift(dzc + gc, axes, n)
+    return (
+        (dzi + gi).astype(zi.dtype),
+        dzt.astype(zt.dtype),
+        jax.lax.psum(dlt + gl, axes).astype(log_t.dtype),
+        jax.lax.psum(db + gb, axes).astype(bias.dtype),
+    )
+
+
+sigmoid_ring_local.defvjp(_sigmoid_ring_fwd, _sigmoid_ring_bwd)
