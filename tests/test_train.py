@@ -43,6 +43,17 @@ def test_sigmoid_run_learns_and_logs_bias(data_dir, tmp_path):
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
 
 
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("impl,tile", [("ring", 0), ("tiled", 2)])
+def test_memory_linear_impls_train(data_dir, tmp_path, kind, impl, tile):
+    spec = "configs/default.py" + (":sigmoid" if kind == "sigmoid" else "")
+    cfg = load_tiny_config(data_dir, spec, **{"train.steps": 10, "loss.impl": impl, "loss.tile": tile,
+                                              "train.eval_every": 100})
+    train.train(cfg, str(tmp_path))
+    rows = [r for r in metrics.read_metrics(str(tmp_path)) if "train/loss" in r]
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.1, rows
+
+
 def test_evaluate_cli_reproduces_the_final_metrics(trained_softmax, data_dir, capsys):
     workdir, rows = trained_softmax
     out = evaluate.main(["--config", "configs/default.py", "--workdir", workdir] + tiny_overrides(data_dir))

@@ -56,7 +56,8 @@ def base_config() -> ConfigDict:
 
     c.loss = ConfigDict()
     c.loss.kind = "softmax"  # "softmax" (CLIP) | "sigmoid" (SigLIP)
-    c.loss.impl = "all_gather"
+    c.loss.impl = "all_gather"  # "all_gather" | "ring" | "tiled" (see docs/losses.md)
+    c.loss.tile = 0  # impl="tiled": rows and columns per tile, dividing the per-device batch; 0 = automatic
     c.loss.log_t_init = math.log(1 / 0.07)
     c.loss.bias_init = -10.0  # used by the sigmoid loss only
 
@@ -193,6 +194,8 @@ def check_config(config: ConfigDict) -> None:
     _require(config.loss.kind in ("softmax", "sigmoid"), "loss.kind", f"must be 'softmax' or 'sigmoid', got {config.loss.kind!r}")
     impls = losses.SOFTMAX_IMPLS if config.loss.kind == "softmax" else losses.SIGMOID_IMPLS
     _require(config.loss.impl in impls, "loss.impl", f"must be one of {impls} for loss.kind={config.loss.kind!r}, got {config.loss.impl!r}")
+    _require(config.loss.tile == 0 or config.loss.impl == "tiled", "loss.tile", "applies to loss.impl='tiled' only")
+    _require(config.loss.tile >= 0, "loss.tile", "must be 0 (automatic) or positive")
     _require(config.train.steps > 0, "train.steps", "must be positive")
     _require(config.train.batch_size > 0, "train.batch_size", "must be positive")
     for f in ("log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):

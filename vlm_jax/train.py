@@ -111,12 +111,13 @@ def with_shardings(abstract: State, shardings: State) -> State:
 
 
 def make_train_step(config, model: towers.TwoTower, tx: optax.GradientTransformation, schedule, mesh, state_sh):
-    kind, impl = config.loss.kind, config.loss.impl
+    kind = config.loss.kind
+    loss_kw = dict(impl=config.loss.impl, mesh=mesh, axis=parallel.DATA_AXES, tile=config.loss.tile or None)
 
     def contrastive_loss(zimg, ztxt, log_t, bias):
         if kind == "softmax":
-            return losses.softmax_loss(zimg, ztxt, log_t, impl=impl, mesh=mesh, axis=parallel.DATA_AXES)
-        return losses.sigmoid_loss(zimg, ztxt, log_t, bias, impl=impl, mesh=mesh, axis=parallel.DATA_AXES)
+            return losses.softmax_loss(zimg, ztxt, log_t, **loss_kw)
+        return losses.sigmoid_loss(zimg, ztxt, log_t, bias, **loss_kw)
 
     def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
         images = pipeline.normalize_images(batch["image"])
