@@ -142,7 +142,22 @@ def softmax_loss(
       elements forward and the same again as reduce-scatter backward;
       FLOPs: 2 directions × 2·b·B·d forward, about twice that backward
       (≈ 12·B²·d summed over devices).
-    With ``mesh=None``: the dense formula, one B×B logit matrix.
+    impl="ring": the texts travel the ring of N devices (ppermute); one pass
+    over each b×b block gives the partial log-sum-exp of its rows (I→T) and of
+    its columns (T→I); the column partials travel with their chunk and arrive
+    home after the last step. A custom VJP keeps only the two LSE vectors and
+    recomputes each block once in the backward, where the chunk's gradient
+    accumulator travels the ring with it.
+      memory per device: O(b·d) (chunk, accumulators) + one b×b block in flight,
+      independent of N;
+      communication per device: (N−1)·b·d forward, 2·(N−1)·b·d + N·b·d
+      backward (chunk, its LSE and its gradient), overlappable with compute;
+      FLOPs: ≈ 8·B²·d in all (2 forward, 6 backward).
+    impl="tiled": as "ring", with each block processed in tile×tile pieces,
+      so memory per device is O(b·d + tile²); ``tile`` must divide b
+      (default: the largest divisor of b up to 512).
+    With ``mesh=None``: the dense formula, one B×B logit matrix ("ring" and
+    "tiled" then run on a one-device mesh).
     """
     if impl not in _SOFTMAX_IMPLS:
         raise ValueError(f"softmax_loss: impl must be one of {sorted(_SOFTMAX_IMPLS)}, got {impl!r}")
@@ -217,7 +232,15 @@ def sigmoid_loss(
       communication per device: all_gather of one modality, (N−1)·b·d elements
       forward, the same as reduce-scatter backward;
       FLOPs: 2·b·B·d forward, ≈ 4·b·B·d backward (≈ 6·B²·d over all devices).
-    With ``mesh=None``: the dense formula, one B×B logit matrix.
+    impl="ring": the texts travel the ring of N devices (ppermute); a custom
+    VJP keeps no logits for the backward (only the inputs) and recomputes each
+    block, the chunk's gradient accumulator travelling the ring with it.
+      memory per device: O(b·d) + one b×b block in flight, independent of N;
+      communication per device: (N−1)·b·d forward, 2·(N−1)·b·d + b·d backward;
+      FLOPs: ≈ 8·B²·d in all (2 forward, 6 backward).
+    impl="tiled": as "ring" with tile×tile pieces: O(b·d + tile²) memory.
+    With ``mesh=None``: the dense formula, one B×B logit matrix ("ring" and
+    "tiled" then run on a one-device mesh).
     """
     if impl not in _SIGMOID_IMPLS:
         raise ValueError(f"sigmoid_loss: impl must be one of {sorted(_SIGMOID_IMPLS)}, got {impl!r}")
