@@ -15,6 +15,6 @@ def get_config(arg: str = "softmax"):
     if arg == "sigmoid":
         config.loss.log_t_init = math.log(10.0)
         config.loss.bias_init = -10.0
-    config.train.steps = 1000
+    config.train.steps = 500
     config.train.batch_size = 128
     return config

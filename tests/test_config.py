@@ -63,10 +63,14 @@ def test_missing_config_file(tmp_path):
 def test_workdir_from_an_incompatible_config_is_refused_and_left_intact(trained_softmax, data_dir):
     workdir, rows = trained_softmax
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    with open(os.path.join(workdir, "config.json")) as f:
+        config_before = f.read()
     msg = _run(workdir, "--config.model.image.width=48", data_dir=data_dir)
     assert "incompatible config" in msg
     assert "config.model.image.width is 32 in the checkpoint but 48 now" in msg
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert f.read() == config_before
     from vlm_jax import metrics
 
     assert metrics.read_metrics(workdir) == rows

@@ -75,12 +75,12 @@ def base_config() -> ConfigDict:
     c.optim.grad_clip = 1.0
 
     c.train = ConfigDict()
-    c.train.steps = 1000
+    c.train.steps = 500
     c.train.batch_size = 128
     c.train.log_every = 50
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 2
-    c.train.eval_every = 500
+    c.train.eval_every = 250
     c.train.progress = True
 
     c.evaluate = ConfigDict()

@@ -173,10 +173,6 @@ def train(config, workdir: str) -> dict[str, float]:
     mesh, ds, model, abstract, state_sh = run.mesh, run.ds, run.model, run.abstract, run.state_sh
     os.makedirs(workdir, exist_ok=True)
     lead = jax.process_index() == 0
-    if lead:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=1, default=list)
-
     mgr = checkpoint.manager(workdir, config.train.keep_checkpoints)
     record = checkpoint.compat_record(config, abstract["params"])
     train_ds = pipeline.train_dataset(
@@ -193,6 +189,9 @@ def train(config, workdir: str) -> dict[str, float]:
         state, data_state = checkpoint.restore(mgr, start, with_shardings(abstract, state_sh))
         data_iter.set_state(data_state)
         print(f"resumed from {workdir} at step {start}", file=sys.stderr)
+    if lead:  # only now: a refused workdir keeps the config.json of its own run
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=1, default=list)
 
     train_step = make_train_step(config, model, run.tx, run.schedule, mesh, state_sh)
     eval_data = evaluate.load_eval_data(ds, config)
@@ -231,7 +230,8 @@ def train(config, workdir: str) -> dict[str, float]:
             progress.update(step, f"loss {loss:.4f}", force=True)
         if step % config.train.checkpoint_every == 0 or step == total:
             checkpoint.save(mgr, step, state, data_iter.get_state(), record)
-            t_last = time.time()  # checkpoint time is not training throughput
+        if step % config.train.eval_every == 0 or step % config.train.checkpoint_every == 0:
+            t_last = time.time()  # evaluation and checkpoints are not training throughput
 
     mgr.wait_until_finished()
     progress.close()
