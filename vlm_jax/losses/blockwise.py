@@ -1,4 +1,4 @@
-"""Memory-linear sharded losses: ring over devices, tiles within a device.
+"""Memory-linear sharded sigmoid loss, and the ring helpers shared with ``infonce``.
 
 Each device holds its b rows of z^I and z^T. The other modality's chunk
 travels around the ring of N devices with ``ppermute``; at step k device p
@@ -21,9 +21,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-
-NEG_INF = -jnp.inf
-
 
 def _dot_t(a, b):
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -55,114 +52,6 @@ def check_tile(b: int, tile: int | None) -> int:
     if tile <= 0 or b % tile:
         raise ValueError(f"tile={tile} must be a positive divisor of the per-device batch b={b}")
     return tile
-
-
-# =========================================================================== softmax
-
-
-def _softmax_block_lse(zi, zc, t, tile, axes):
-    """Row and column log-sum-exp of x = t·zi·zcᵀ in tile × tile pieces."""
-    b, d = zi.shape
-
-    def row_tile(col_lse, zi_r):
-        def col_tile(row_lse_r, zc_c):
-            x = t * _dot_t(zi_r, zc_c)
-            return jnp.logaddexp(row_lse_r, jax.nn.logsumexp(x, axis=1)), jax.nn.logsumexp(x, axis=0)
-
-        init = _varying(jnp.full((tile,), NEG_INF, jnp.float32), axes)
-        row_lse_r, col_parts = jax.lax.scan(col_tile, init, _tiles(zc, tile))
-        return jnp.logaddexp(col_lse, col_parts.reshape(b)), row_lse_r
-
-    init = _varying(jnp.full((b,), NEG_INF, jnp.float32), axes)
-    col_lse, row_lse = jax.lax.scan(row_tile, init, _tiles(zi, tile))
-    return row_lse.reshape(b), col_lse
-
-
-def _softmax_block_grad(zi, zc, row_lse, col_lse, t, scale, tile, axes):
-    """For G = scale·(softmax_rows(x) + softmax_cols(x)) with x = t·zi·zcᵀ,
-    returns (t·G·zc, t·Gᵀ·zi, Σ G∘x) without storing x."""
-    b, d = zi.shape
-
-    def row_tile(carry, xs):
-        dzc, dlt = carry
-        zi_r, rl_r = xs
-
-        def col_tile(inner, ys):
-            dzi_r, dlt = inner
-            zc_c, cl_c = ys
-            x = t * _dot_t(zi_r, zc_c)
-            g = scale * (jnp.exp(x - rl_r[:, None]) + jnp.exp(x - cl_c[None, :]))
-            return (dzi_r + t * _dot(g.astype(zc_c.dtype), zc_c), dlt + jnp.sum(g * x)), t * _dot(g.T.astype(zi_r.dtype), zi_r)
-
-        (dzi_r, dlt), dzc_parts = jax.lax.scan(
-            col_tile, (_varying(jnp.zeros((tile, d), jnp.float32), axes), dlt),
-            (_tiles(zc, tile), _tiles(col_lse, tile)),
-        )
-        return (dzc + dzc_parts.reshape(b, d), dlt), dzi_r
-
-    zero_dz = _varying(jnp.zeros((b, d), jnp.float32), axes)
-    (dzc, dlt), dzi = jax.lax.scan(
-        row_tile, (zero_dz, _varying(jnp.zeros((), jnp.float32), axes)), (_tiles(zi, tile), _tiles(row_lse, tile))
-    )
-    return dzi.reshape(b, d), dzc, dlt
-
-
-def _softmax_ring_fwd_stats(zi, zt, t, axes, n, tile):
-    """Row LSE of my images over all texts, and column LSE of my texts over all images."""
-
-    def step(_, carry):
-        zc, col_lse_c, row_lse = carry
-        r, c = _softmax_block_lse(zi, zc, t, tile, axes)
-        return _shift(zc, axes, n), _shift(jnp.logaddexp(col_lse_c, c), axes, n), jnp.logaddexp(row_lse, r)
-
-    b = zi.shape[0]
-    init_lse = _varying(jnp.full((b,), NEG_INF, jnp.float32), axes)
-    zc, col_lse_c, row_lse = jax.lax.fori_loop(0, n - 1, step, (zt, init_lse, init_lse))
-    r, c = _softmax_block_lse(zi, zc, t, tile, axes)
-    # The chunk now here came from device p + 1; its column statistics go home.
-    return jnp.logaddexp(row_lse, r), _shift(jnp.logaddexp(col_lse_c, c), axes, n)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def softmax_ring_local(zi, zt, log_t, axes: Sequence[str], n: int, tile: int):
-    loss, _ = _softmax_ring_fwd(zi, zt, log_t, axes, n, tile)
-    return loss
-
-
-def _softmax_ring_fwd(zi, zt, log_t, axes, n, tile):
-    t = jnp.exp(log_t.astype(jnp.float32))
-    row_lse, col_lse = _softmax_ring_fwd_stats(zi, zt, t, axes, n, tile)
-    pos = t * jnp.sum(zi.astype(jnp.float32) * zt.astype(jnp.float32), axis=1)
-    big_b = zi.shape[0] * n
-    loss = jax.lax.psum(jnp.sum(row_lse + col_lse - 2.0 * pos), axes) / (2.0 * big_b)
-    return loss, (zi, zt, log_t, row_lse, col_lse)
-
-
-def _softmax_ring_bwd(axes, n, tile, res, ct):
-    zi, zt, log_t, row_lse, col_lse = res
-    t = jnp.exp(log_t.astype(jnp.float32))
-    b, d = zi.shape
-    scale = ct / (2.0 * b * n)
-
-    def step(_, carry):
-        zc, cl_c, dzc, dzi, dlt = carry
-        gi, gc, gl = _softmax_block_grad(zi, zc, row_lse, cl_c, t, scale, tile, axes)
-        return _shift(zc, axes, n), _shift(cl_c, axes, n), _shift(dzc + gc, axes, n), dzi + gi, dlt + gl
-
-    zeros = _varying(jnp.zeros((b, d), jnp.float32), axes)
-    init = (zt, col_lse, zeros, zeros, _varying(jnp.zeros((), jnp.float32), axes))
-    zc, cl_c, dzc, dzi, dlt = jax.lax.fori_loop(0, n - 1, step, init)
-    gi, gc, gl = _softmax_block_grad(zi, zc, row_lse, cl_c, t, scale, tile, axes)
-    dzi, dzc, dlt = dzi + gi, _shift(dzc + gc, axes, n), dlt + gl
-    # The positives: −2·t·z^I_i·z^T_i / (2B) per row.
-    zi32, zt32 = zi.astype(jnp.float32), zt.astype(jnp.float32)
-    dzi = dzi - 2.0 * scale * t * zt32
-    dzt = dzc - 2.0 * scale * t * zi32
-    dlt = dlt - 2.0 * scale * t * jnp.sum(zi32 * zt32)
-    return dzi.astype(zi.dtype), dzt.astype(zt.dtype), jax.lax.psum(dlt, axes).astype(log_t.dtype)
-
-
-softmax_ring_local.defvjp(_softmax_ring_fwd, _softmax_ring_bwd)
 
 
 # =========================================================================== sigmoid

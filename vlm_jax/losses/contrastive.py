@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from vlm_jax.losses import blockwise
+from vlm_jax.losses import blockwise, infonce
 
 Axis = str | Sequence[str]
 
@@ -169,10 +169,23 @@ def softmax_loss(
     return _sharded(local, mesh, axis, 2, 1)(zimg, ztxt, log_t)
 
 
+def global_index(b: int, axes: tuple[str, ...]) -> jax.Array:
+    """Global row numbers of this device's b rows (the CLIP pairing labels)."""
+    return jax.lax.axis_index(axes) * b + jnp.arange(b, dtype=jnp.int32)
+
+
+def dot_sim(log_t, a, c):
+    """t·a·cᵀ for both directions (the CLIP similarity)."""
+    x = jnp.exp(log_t.astype(jnp.float32)) * _dot_t(a, c)
+    return x, x
+
+
 def _softmax_blockwise_local(zi, zt, log_t, *, axis, tile):
     axes = _axis_tuple(axis)
-    n = jax.lax.axis_size(axes)
-    return blockwise.softmax_ring_local(zi, zt, log_t, axes, n, blockwise.check_tile(zi.shape[0], tile))
+    n, b = jax.lax.axis_size(axes), zi.shape[0]
+    g = global_index(b, axes)
+    obj = infonce.Objective(dot_sim, both=True, exclude=False, denom=2 * b * n)
+    return infonce.ring_loss(log_t, zi, g, g, zt, g, g, obj, axes, n, blockwise.check_tile(b, tile))
 
 
 _SOFTMAX_IMPLS: dict[str, Callable] = {

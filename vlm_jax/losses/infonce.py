@@ -1,0 +1,255 @@
+"""One engine for every softmax (InfoNCE-type) contrastive objective.
+
+An objective is described by
+  * a similarity ``sim(log_t, a, c) -> (x_row, x_col)``: the logits of a block
+    of rows a against columns c, for the row direction (a → c) and for the
+    column direction (c → a, stored transposed as [a, c]); for CLIP both are
+    t·z^I_a·z^T_c, for FILIP they are the two token-wise similarities;
+  * integer labels on both sides: (a, c) is a positive pair when the labels
+    are equal (CLIP: the global row index; UniCL: the class);
+  * optional ids on both sides: (a, c) with equal ids is excluded from the
+    softmax altogether (SLIP: an anchor is not its own negative);
+  * whether the column direction is a loss term of its own (``both``).
+
+For every row a: ℓ_a = logsumexp_{c not excluded} x_row[a, c] − mean_{c ∈ P(a)} x_row[a, c],
+and likewise for every column when ``both``; the loss is the sum of all terms
+divided by ``denom``.
+
+Two implementations, both per-device bodies for ``shard_map`` over ``axes``:
+``gathered`` (all_gather the column side, autodiff; the baseline) and
+``ring`` (a custom VJP: the column chunk travels the ring with its column
+statistics; only O(b) statistics are saved; each block is recomputed once in
+the backward, where ``jax.vjp`` of ``sim`` on the block gives the gradients and
+the chunk's gradient accumulator travels home with it). ``tile`` splits each
+block into tile × tile pieces so no b × b block is ever materialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.losses.blockwise import _shift, _tiles, _varying
+
+NEG_INF = -jnp.inf
+SimFn = Callable[[jax.Array, Any, Any], tuple[jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The static description of an objective (hashable: a custom_vjp argument)."""
+
+    sim: SimFn
+    both: bool  # the column direction is a loss term of its own
+    exclude: bool  # pairs with equal ids are left out of the softmax
+    denom: int  # global normaliser of the summed terms
+
+
+def _pair_masks(obj: Objective, la, ia, lc, ic):
+    pos = la[:, None] == lc[None, :]
+    if obj.exclude:
+        excluded = ia[:, None] == ic[None, :]
+        return pos & ~excluded, excluded
+    return pos, None
+
+
+def _masked(x, excluded):
+    return x if excluded is None else jnp.where(excluded, NEG_INF, x)
+
+
+def _terms(obj, x_row, x_col, la, ia, lc, ic, axis_rows: bool):
+    """Per-row (axis_rows) or per-column softmax statistics of one block:
+    (log-sum-exp over non-excluded pairs, Σ positives·x, number of positives)."""
+    pos, excluded = _pair_masks(obj, la, ia, lc, ic)
+    posf = pos.astype(jnp.float32)
+    ax = 1 if axis_rows else 0
+    x = x_row if axis_rows else x_col
+    return jax.nn.logsumexp(_masked(x, excluded), axis=ax), jnp.sum(posf * x, axis=ax), jnp.sum(posf, axis=ax)
+
+
+def _merge(s, t):
+    return jnp.logaddexp(s[0], t[0]), s[1] + t[1], s[2] + t[2]
+
+
+def _empty_stats(rows: int, axes):
+    return (
+        _varying(jnp.full((rows,), NEG_INF, jnp.float32), axes),
+        _varying(jnp.zeros((rows,), jnp.float32), axes),
+        _varying(jnp.zeros((rows,), jnp.float32), axes),
+    )
+
+
+def _tree_tiles(tree, tile):
+    return jax.tree_util.tree_map(lambda x: _tiles(x, tile), tree)
+
+
+def _rows(tree) -> int:
+    return jax.tree_util.tree_leaves(tree)[0].shape[0]
+
+
+# --------------------------------------------------------------------------- ring forward
+
+
+def _block_stats(obj, log_t, a, la, ia, c, lc, ic, tile, axes):
+    """Row statistics of a's rows and column statistics of c's rows over one
+    (a × c) block, in tile × tile pieces."""
+    ra, rc = _rows(a), _rows(c)
+
+    def row_tile(col_stats, xs):
+        a_t, la_t, ia_t = xs
+
+        def col_tile(row_stats, ys):
+            c_t, lc_t, ic_t = ys
+            x_row, x_col = obj.sim(log_t, a_t, c_t)
+            row = _terms(obj, x_row, x_col, la_t, ia_t, lc_t, ic_t, True)
+            col = _terms(obj, x_row, x_col, la_t, ia_t, lc_t, ic_t, False) if obj.both else None
+            return _merge(row_stats, row), col
+
+        row_stats, col_parts = jax.lax.scan(
+            col_tile, _empty_stats(tile, axes), (_tree_tiles(c, tile), _tiles(lc, tile), _tiles(ic, tile))
+        )
+        if obj.both:
+            col_stats = _merge(col_stats, tuple(p.reshape(rc) for p in col_parts))
+        return col_stats, row_stats
+
+    col_stats, row_stats = jax.lax.scan(
+        row_tile, _empty_stats(rc, axes), (_tree_tiles(a, tile), _tiles(la, tile), _tiles(ia, tile))
+    )
+    return tuple(s.reshape(ra) for s in row_stats), col_stats
+
+
+def _ring_stats(obj, log_t, a, la, ia, c, lc, ic, axes, n, tile):
+    def step(_, carry):
+        chunk, lc_k, ic_k, col_k, row = carry
+        r, cs = _block_stats(obj, log_t, a, la, ia, chunk, lc_k, ic_k, tile, axes)
+        col_k = _merge(col_k, cs)
+        move = functools.partial(_shift, axes=axes, n=n)
+        return jax.tree_util.tree_map(move, (chunk, lc_k, ic_k, col_k)) + (_merge(row, r),)
+
+    init = (c, lc, ic, _empty_stats(_rows(c), axes), _empty_stats(_rows(a), axes))
+    chunk, lc_k, ic_k, col_k, row = jax.lax.fori_loop(0, n - 1, step, init)
+    r, cs = _block_stats(obj, log_t, a, la, ia, chunk, lc_k, ic_k, tile, axes)
+    # The chunk now here came from the next device; its column statistics go home.
+    col_home = jax.tree_util.tree_map(lambda s: _shift(s, axes, n), _merge(col_k, cs))
+    return _merge(row, r), col_home
+
+
+def _loss_from_stats(obj, row, col, axes):
+    def term(stats):
+        lse, possum, cnt = stats
+        return jnp.sum(lse - possum / jnp.maximum(cnt, 1.0))
+
+    local = term(row) + (term(col) if obj.both else 0.0)
+    return jax.lax.psum(local, axes) / obj.denom
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def ring_loss(log_t, a, la, ia, c, lc, ic, obj: Objective, axes: tuple[str, ...], n: int, tile: int):
+    """The objective's global loss; a, la, ia are this device's rows, c, lc, ic
+    its share of the columns (which travel the ring)."""
+    return _ring_fwd(log_t, a, la, ia, c, lc, ic, obj, axes, n, tile)[0]
+
+
+def _ring_fwd(log_t, a, la, ia, c, lc, ic, obj, axes, n, tile):
+    row, col = _ring_stats(obj, log_t, a, la, ia, c, lc, ic, axes, n, tile)
+    loss = _loss_from_stats(obj, row, col, axes)
+    return loss, (log_t, a, la, ia, c, lc, ic, row[0], row[2], col[0], col[2])
+
+
+# --------------------------------------------------------------------------- ring backward
+
+
+def _block_grads(obj, log_t_v, a, la, ia, c, lc, ic, row_lse, row_cnt, col_lse, col_cnt, scale, tile, axes):
+    """(d log_t, d a, d c) of one block: G_row = scale·(softmax_row − P/|P(a)|),
+    G_col likewise over columns, pulled back through ``sim`` with jax.vjp."""
+    ra, rc = _rows(a), _rows(c)
+    zeros_like = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+        lambda x: _varying(jnp.zeros(x.shape, jnp.float32), axes), tree)
+
+    def row_tile(carry, xs):
+        dlt, dc = carry
+        a_t, la_t, ia_t, rl_t, rn_t = xs
+
+        def col_tile(inner, ys):
+            dlt, da_t = inner
+            c_t, lc_t, ic_t, cl_t, cn_t = ys
+            (x_row, x_col), pull = jax.vjp(lambda lt, p, q: obj.sim(lt, p, q), log_t_v, a_t, c_t)
+            pos, excluded = _pair_masks(obj, la_t, ia_t, lc_t, ic_t)
+            posf = pos.astype(jnp.float32)
+            g_row = scale * (jnp.exp(_masked(x_row, excluded) - rl_t[:, None]) - posf / jnp.maximum(rn_t, 1.0)[:, None])
+            if obj.both:
+                g_col = scale * (jnp.exp(_masked(x_col, excluded) - cl_t[None, :]) - posf / jnp.maximum(cn_t, 1.0)[None, :])
+            else:
+                g_col = jnp.zeros_like(x_col)
+            g_lt, g_a, g_c = pull((g_row, g_col))
+            da_t = jax.tree_util.tree_map(lambda u, v: u + v.astype(jnp.float32), da_t, g_a)
+            return (dlt + g_lt, da_t), g_c
+
+        (dlt, da_t), dc_parts = jax.lax.scan(
+            col_tile, (dlt, zeros_like(a_t)),
+            (_tree_tiles(c, tile), _tiles(lc, tile), _tiles(ic, tile), _tiles(col_lse, tile), _tiles(col_cnt, tile)),
+        )
+        dc = jax.tree_util.tree_map(lambda u, v: u + v.reshape(u.shape).astype(jnp.float32), dc, dc_parts)
+        return (dlt, dc), da_t
+
+    (dlt, dc), da = jax.lax.scan(
+        row_tile, (_varying(jnp.zeros((), jnp.float32), axes), zeros_like(c)),
+        (_tree_tiles(a, tile), _tiles(la, tile), _tiles(ia, tile), _tiles(row_lse, tile), _tiles(row_cnt, tile)),
+    )
+    return dlt, jax.tree_util.tree_map(lambda x: x.reshape(ra, *x.shape[2:]), da), dc
+
+
+def _ring_bwd(obj, axes, n, tile, res, ct):
+    log_t, a, la, ia, c, lc, ic, row_lse, row_cnt, col_lse, col_cnt = res
+    scale = ct / obj.denom
+    # A device-local copy of log_t: its per-block cotangents are summed once at the end.
+    log_t_v = _varying(log_t.astype(jnp.float32), axes)
+    move = functools.partial(_shift, axes=axes, n=n)
+    add = lambda u, v: jax.tree_util.tree_map(jnp.add, u, v)  # noqa: E731
+
+    def step(_, carry):
+        chunk, lc_k, ic_k, cl_k, cn_k, dc_k, da, dlt = carry
+        g_lt, g_a, g_c = _block_grads(obj, log_t_v, a, la, ia, chunk, lc_k, ic_k, row_lse, row_cnt, cl_k, cn_k, scale, tile, axes)
+        moved = jax.tree_util.tree_map(move, (chunk, lc_k, ic_k, cl_k, cn_k, add(dc_k, g_c)))
+        return moved + (add(da, g_a), dlt + g_lt)
+
+    zeros = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+        lambda x: _varying(jnp.zeros(x.shape, jnp.float32), axes), tree)
+    init = (c, lc, ic, col_lse, col_cnt, zeros(c), zeros(a), _varying(jnp.zeros((), jnp.float32), axes))
+    chunk, lc_k, ic_k, cl_k, cn_k, dc_k, da, dlt = jax.lax.fori_loop(0, n - 1, step, init)
+    g_lt, g_a, g_c = _block_grads(obj, log_t_v, a, la, ia, chunk, lc_k, ic_k, row_lse, row_cnt, cl_k, cn_k, scale, tile, axes)
+    dc = jax.tree_util.tree_map(move, add(dc_k, g_c))
+    da = add(da, g_a)
+    cast = lambda d, x: jax.tree_util.tree_map(lambda u, v: u.astype(v.dtype), d, x)  # noqa: E731
+    return (jax.lax.psum(dlt + g_lt, axes).astype(log_t.dtype), cast(da, a), None, None, cast(dc, c), None, None)
+
+
+ring_loss.defvjp(_ring_fwd, _ring_bwd)
+
+
+# --------------------------------------------------------------------------- gathered (baseline)
+
+
+def gathered_loss(log_t, a, la, ia, c, lc, ic, obj: Objective, axes: tuple[str, ...]):
+    """All-gather both sides and differentiate with autodiff: each device scores
+    its rows against all columns and (when ``both``) its columns against all rows;
+    gradients flow back through the gathers to the owning device."""
+    gather = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+        lambda x: jax.lax.all_gather(x, axes, axis=0, tiled=True), tree)
+    c_all, lc_all, ic_all = gather((c, lc, ic))
+    x_row, x_col = obj.sim(log_t, a, c_all)
+    local = _loss_terms(obj, x_row, x_col, la, ia, lc_all, ic_all, True)
+    if obj.both:
+        a_all, la_all, ia_all = gather((a, la, ia))
+        x_row, x_col = obj.sim(log_t, a_all, c)
+        local = local + _loss_terms(obj, x_row, x_col, la_all, ia_all, lc, ic, False)
+    return jax.lax.psum(local, axes) / obj.denom
+
+
+def _loss_terms(obj, x_row, x_col, la, ia, lc, ic, axis_rows):
+    lse, possum, cnt = _terms(obj, x_row, x_col, la, ia, lc, ic, axis_rows)
+    return jnp.sum(lse - possum / jnp.maximum(cnt, 1.0))
