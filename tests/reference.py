@@ -42,3 +42,73 @@ def sigmoid_loss_and_grads(zi, zt, log_t, bias):
 def unit_rows(rng, B, d):
     z = rng.normal(size=(B, d))
     return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
+def _masked_infonce_rows(x, pos, excluded):
+    """Per-row −log-likelihood averaged over positives and its dL/dx (float64)."""
+    xm = np.where(excluded, -np.inf, x)
+    lse = _lse(xm, 1)
+    cnt = pos.sum(1)
+    loss_rows = lse - (pos * x).sum(1) / cnt
+    g = np.exp(xm - lse[:, None]) - pos / cnt[:, None]
+    return loss_rows, g
+
+
+def unicl_loss_and_grads(zi, zt, labels, log_t):
+    zi, zt = np.float64(zi), np.float64(zt)
+    B = zi.shape[0]
+    t = np.exp(np.float64(log_t))
+    x = t * zi @ zt.T
+    pos = (labels[:, None] == labels[None, :]).astype(np.float64)
+    none = np.zeros_like(pos, bool)
+    lr, gr = _masked_infonce_rows(x, pos, none)
+    lc, gc = _masked_infonce_rows(x.T, pos.T, none)
+    g = (gr + gc.T) / (2 * B)
+    loss = (lr.sum() + lc.sum()) / (2 * B)
+    return loss, {"zimg": t * g @ zt, "ztxt": t * g.T @ zi, "log_t": np.sum(g * x)}
+
+
+def image_infonce_loss_and_grads(z1, z2, log_t):
+    u = np.concatenate([np.float64(z1), np.float64(z2)])
+    B = z1.shape[0]
+    t = np.exp(np.float64(log_t))
+    x = t * u @ u.T
+    idx = np.arange(2 * B)
+    pos = (idx[:, None] % B == idx[None, :] % B) & (idx[:, None] != idx[None, :])
+    lr, gr = _masked_infonce_rows(x, pos.astype(np.float64), np.eye(2 * B, dtype=bool))
+    g = gr / (2 * B)
+    du = t * (g + g.T) @ u
+    return lr.sum() / (2 * B), {"z1": du[:B], "z2": du[B:], "log_t": np.sum(g * x)}
+
+
+def filip_loss_and_grads(img, txt, mask, log_t):
+    img, txt, mask = np.float64(img), np.float64(txt), np.float64(mask)
+    B, ni, _ = img.shape
+    t = np.exp(np.float64(log_t))
+    s = np.einsum("akd,crd->ackr", img, txt)
+    valid = mask[None, :, None, :] > 0
+    s_i = np.where(valid, s, -np.inf)
+    arg_r = s_i.argmax(3)  # (a, c, k): best text token of each image token
+    arg_k = s.argmax(2)  # (a, c, r): best image token of each text token
+    cnt = mask.sum(1)
+    i2t = np.take_along_axis(s, arg_r[..., None], 3)[..., 0].mean(2)
+    t2i = (np.take_along_axis(s, arg_k[:, :, None, :], 2)[:, :, 0, :] * mask[None]).sum(2) / cnt[None]
+    xr, xc = t * i2t, t * t2i
+    eye = np.eye(B)
+    none = np.zeros((B, B), bool)
+    lr, gr = _masked_infonce_rows(xr, eye, none)
+    lc, gc = _masked_infonce_rows(xc.T, eye, none)
+    gr, gc = gr / (2 * B), gc.T / (2 * B)  # dL/dxr[a, c], dL/dxc[a, c]
+    d_img, d_txt = np.zeros_like(img), np.zeros_like(txt)
+    for a in range(B):
+        for c in range(B):
+            for k in range(ni):  # x_row: each image token's best text token, weight 1/ni
+                r = arg_r[a, c, k]
+                d_img[a, k] += t * gr[a, c] / ni * txt[c, r]
+                d_txt[c, r] += t * gr[a, c] / ni * img[a, k]
+            for r in np.nonzero(mask[c])[0]:  # x_col: each valid text token's best image token
+                k = arg_k[a, c, r]
+                d_img[a, k] += t * gc[a, c] / cnt[c] * txt[c, r]
+                d_txt[c, r] += t * gc[a, c] / cnt[c] * img[a, k]
+    loss = (lr.sum() + lc.sum()) / (2 * B)
+    return loss, {"img": d_img, "txt": d_txt, "log_t": np.sum(gr * xr) + np.sum(gc * xc)}
