@@ -138,3 +138,99 @@ def test_indivisible_batch_and_unknown_impl_are_clear_errors():
         losses.softmax_loss(jnp.ones((16, 4)), jnp.ones((16, 4)), jnp.float32(1.0), impl="tiled", mesh=mesh, tile=5)
     with pytest.raises(ValueError, match=r"shape \(B, d\)"):
         losses.softmax_loss(z, z[:, :2], jnp.float32(1.0))
+
+
+# --------------------------------------------------------------------------- UniCL, SLIP, FILIP
+
+from reference import filip_loss_and_grads, image_infonce_loss_and_grads, unicl_loss_and_grads  # noqa: E402
+
+OBJECTIVE_IMPLS = [("all_gather", None), ("ring", None), ("tiled", 2)]
+
+
+@pytest.mark.parametrize("n", DEVICE_COUNTS)
+@pytest.mark.parametrize("impl,tile", OBJECTIVE_IMPLS)
+def test_unicl_matches_reference(impl, tile, n):
+    for seed, B in ((0, 16), (1, 24)):
+        if tile and (B // n) % tile:
+            continue  # B = 16 still runs at this N
+        rng = np.random.default_rng(seed)
+        zi, zt = unit_rows(rng, B, 8), unit_rows(rng, B, 8)
+        y = rng.integers(0, 5, B)  # repeated labels: several positives per row
+        mesh = _mesh(n)
+        f = lambda a, b, lab, lt: losses.unicl_loss(a, b, lab, lt, impl=impl, mesh=mesh, tile=tile)  # noqa: E731
+        value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 3)))(
+            _put(zi, mesh), _put(zt, mesh), jnp.asarray(y, jnp.int32), jnp.float32(2.0))
+        ref, g = unicl_loss_and_grads(zi, zt, y, 2.0)
+        _close(value, ref)
+        for got, key in zip(grads, ("zimg", "ztxt", "log_t")):
+            _close(got, g[key])
+
+
+def test_unicl_with_distinct_labels_is_clip():
+    rng = np.random.default_rng(5)
+    zi, zt = unit_rows(rng, 16, 8), unit_rows(rng, 16, 8)
+    mesh = _mesh(4)
+    a = losses.unicl_loss(_put(zi, mesh), _put(zt, mesh), jnp.arange(16), jnp.float32(1.5), mesh=mesh, impl="ring")
+    b = losses.softmax_loss(_put(zi, mesh), _put(zt, mesh), jnp.float32(1.5), mesh=mesh)
+    _close(a, b)
+
+
+@pytest.mark.parametrize("n", DEVICE_COUNTS)
+@pytest.mark.parametrize("impl,tile", OBJECTIVE_IMPLS + [("tiled", 3)])
+def test_image_infonce_matches_reference(impl, tile, n):
+    B = 24  # 2b = 48, 24, 12, 6 anchors per device: tiles 2 and 3 divide all of them
+    rng = np.random.default_rng(n)
+    z1, z2 = unit_rows(rng, B, 16), unit_rows(rng, B, 16)
+    mesh = _mesh(n)
+    f = lambda a, b, lt: losses.image_infonce_loss(a, b, lt, impl=impl, mesh=mesh, tile=tile)  # noqa: E731
+    value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(_put(z1, mesh), _put(z2, mesh), jnp.float32(np.log(10.0)))
+    ref, g = image_infonce_loss_and_grads(z1, z2, np.log(10.0))
+    _close(value, ref)
+    for got, key in zip(grads, ("z1", "z2", "log_t")):
+        _close(got, g[key])
+
+
+@pytest.mark.parametrize("n", DEVICE_COUNTS)
+@pytest.mark.parametrize("impl,tile", OBJECTIVE_IMPLS)
+def test_filip_matches_reference(impl, tile, n):
+    B, d = 16, 8
+    rng = np.random.default_rng(10 + n)
+    img = rng.normal(size=(B, 3, d)) / np.sqrt(d)
+    txt = rng.normal(size=(B, 5, d)) / np.sqrt(d)
+    mask = (rng.random((B, 5)) < 0.6).astype(np.float32)
+    mask[:, 0] = 1.0  # every caption has at least one token
+    mesh = _mesh(n)
+    f = lambda a, b, m, lt: losses.filip_loss(a, b, m, lt, impl=impl, mesh=mesh, tile=tile)  # noqa: E731
+    value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 3)))(
+        _put(img, mesh), _put(txt, mesh), _put(mask, mesh), jnp.float32(1.0))
+    ref, g = filip_loss_and_grads(img, txt, mask, 1.0)
+    _close(value, ref)
+    for got, key in zip(grads, ("img", "txt", "log_t")):
+        _close(got, g[key])
+
+
+@pytest.mark.parametrize("impl,tile", OBJECTIVE_IMPLS)
+def test_objectives_accept_bfloat16(impl, tile):
+    rng = np.random.default_rng(9)
+    mesh = _mesh(8)
+    z1 = jnp.asarray(unit_rows(rng, 32, 16), jnp.bfloat16)
+    z2 = jnp.asarray(unit_rows(rng, 32, 16), jnp.bfloat16)
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))  # noqa: E731
+    value, (g1, _) = jax.value_and_grad(
+        lambda a, b: losses.image_infonce_loss(a, b, jnp.float32(2.0), impl=impl, mesh=mesh, tile=tile), argnums=(0, 1)
+    )(put(z1), put(z2))
+    ref, g = image_infonce_loss_and_grads(np.asarray(z1, np.float64), np.asarray(z2, np.float64), 2.0)
+    assert value.dtype == jnp.float32 and g1.dtype == jnp.bfloat16
+    _close(value, ref)
+    _close(g1, g["z1"], rtol=2e-2)
+
+
+def test_objective_errors_are_clear():
+    mesh = _mesh(8)
+    z = jnp.ones((12, 4))
+    with pytest.raises(ValueError, match="B=12 is not divisible by the 8 devices"):
+        losses.unicl_loss(z, z, jnp.zeros(12, jnp.int32), jnp.float32(1.0), mesh=mesh)
+    with pytest.raises(ValueError, match="tile=5 must be a positive divisor"):
+        losses.image_infonce_loss(jnp.ones((16, 4)), jnp.ones((16, 4)), jnp.float32(1.0), mesh=mesh, impl="tiled", tile=5)
+    with pytest.raises(ValueError, match="filip_loss: expected"):
+        losses.filip_loss(z, z, jnp.ones((12, 3)), jnp.float32(1.0))
