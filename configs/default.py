@@ -1,7 +1,10 @@
-"""Default: a tiny CLIP (softmax InfoNCE) on the embedded shapes dataset.
+"""Default: a tiny two-tower model on the embedded shapes dataset.
 
-Trains on a 2-core CPU in a few minutes. ``configs/default.py:sigmoid`` gives
-the SigLIP variant (sigmoid loss, log t = log 10, b = -10).
+Trains on a 2-core CPU in a few minutes. The argument picks the objective:
+``configs/default.py`` (CLIP softmax InfoNCE), ``:sigmoid`` (SigLIP,
+log t = log 10, b = −10), ``:unicl`` (image–text–label: captions sharing the
+subject's colour–shape class are positives), ``:slip`` (CLIP + image–image
+InfoNCE between two augmented views), ``:filip`` (token-wise late interaction).
 """
 
 import math

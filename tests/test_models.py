@@ -26,7 +26,9 @@ def test_vit_pools_to_width(pool, posemb):
     m = _vit(pool=pool, posemb=posemb)
     x = jnp.ones((3, 16, 16, 3))
     params = m.init(jax.random.PRNGKey(0), x)
-    assert m.apply(params, x).shape == (3, 32)
+    pooled, tokens = m.apply(params, x)
+    assert pooled.shape == (3, 32)
+    assert tokens.shape == (3, 16, 32)  # 16 patches; a class token is not a patch token
     assert ("pos_embed" in params["params"]) == (posemb == "learn")
 
 
@@ -37,7 +39,7 @@ def test_text_tower_is_invariant_to_trailing_padding_where_it_should_be(pool, ca
     short = jnp.array([[5, 6, 7, 1, 0, 0, 0, 0]])
     longer = jnp.array([[5, 6, 7, 1, 0, 0, 0, 0, 0, 0]])
     params = m.init(jax.random.PRNGKey(0), short)
-    a, b = m.apply(params, short), m.apply(params, longer)
+    a, b = m.apply(params, short)[0], m.apply(params, longer)[0]
     assert a.shape == (1, 32)
     if pool in ("eos", "mean"):  # padding is masked out of attention and pooling
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -48,7 +50,7 @@ def test_causal_eos_embedding_ignores_nothing_before_eos():
     a = jnp.array([[5, 6, 7, 1, 0, 0]])
     b = jnp.array([[9, 6, 7, 1, 0, 0]])
     params = m.init(jax.random.PRNGKey(0), a)
-    assert not np.allclose(m.apply(params, a), m.apply(params, b))
+    assert not np.allclose(m.apply(params, a)[0], m.apply(params, b)[0])
 
 
 def test_two_tower_outputs_unit_embeddings_and_scalars():
@@ -60,6 +62,13 @@ def test_two_tower_outputs_unit_embeddings_and_scalars():
     np.testing.assert_allclose(jnp.linalg.norm(zi, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(jnp.linalg.norm(zt, axis=1), 1.0, rtol=1e-5)
     assert float(log_t) == pytest.approx(2.5) and float(bias) == -10.0
+    img_tok = model.apply(params, images, method=towers.TwoTower.encode_image_tokens)
+    txt_tok, mask = model.apply(params, tokens, method=towers.TwoTower.encode_text_tokens)
+    assert img_tok.shape == (4, 16, 16) and txt_tok.shape == (4, 10, 16) and mask.shape == (4, 10)
+    np.testing.assert_allclose(jnp.linalg.norm(img_tok, axis=-1), 1.0, rtol=1e-5)
+    slip = towers.TwoTower(_vit(), _text(), embed_dim=16, log_t_init=2.5, ssl_dim=8)
+    slip_params = slip.init(jax.random.PRNGKey(0), images, tokens)
+    assert slip.apply(slip_params, images, method=towers.TwoTower.encode_view).shape == (4, 8)
     no_bias = towers.TwoTower(_vit(), _text(), embed_dim=16, log_t_init=2.5)
     assert "bias" not in no_bias.init(jax.random.PRNGKey(0), images, tokens)["params"]
 

@@ -19,6 +19,9 @@ import ml_collections
 ConfigDict = ml_collections.ConfigDict
 
 
+LOSS_KINDS = ("softmax", "sigmoid", "unicl", "slip", "filip")
+
+
 class ConfigError(ValueError):
     """A mistake in the config, named by its field."""
 
@@ -55,11 +58,14 @@ def base_config() -> ConfigDict:
     )
 
     c.loss = ConfigDict()
-    c.loss.kind = "softmax"  # "softmax" (CLIP) | "sigmoid" (SigLIP)
+    c.loss.kind = "softmax"  # "softmax" (CLIP) | "sigmoid" (SigLIP) | "unicl" | "slip" | "filip"
     c.loss.impl = "all_gather"  # "all_gather" | "ring" | "tiled" (see docs/losses.md)
     c.loss.tile = 0  # impl="tiled": rows and columns per tile, dividing the per-device batch; 0 = automatic
     c.loss.log_t_init = math.log(1 / 0.07)
     c.loss.bias_init = -10.0  # used by the sigmoid loss only
+    c.loss.ssl_weight = 1.0  # slip: L = L_CLIP + ssl_weight · L_image-InfoNCE
+    c.loss.ssl_log_t = math.log(10.0)  # slip: fixed τ = 0.1 of the image–image term
+    c.loss.ssl_dim = 64  # slip: output size of the image-only MLP head
 
     c.mesh = ConfigDict()
     c.mesh.data = -1  # devices on the data axis; -1 = all
@@ -191,11 +197,14 @@ def check_config(config: ConfigDict) -> None:
     from vlm_jax import losses  # local: keep config importable without jax
 
     _check_schema(config, base_config(), "config")
-    _require(config.loss.kind in ("softmax", "sigmoid"), "loss.kind", f"must be 'softmax' or 'sigmoid', got {config.loss.kind!r}")
-    impls = losses.SOFTMAX_IMPLS if config.loss.kind == "softmax" else losses.SIGMOID_IMPLS
+    _require(config.loss.kind in LOSS_KINDS, "loss.kind", f"must be one of {LOSS_KINDS}, got {config.loss.kind!r}")
+    impls = {"softmax": losses.SOFTMAX_IMPLS, "sigmoid": losses.SIGMOID_IMPLS}.get(config.loss.kind, losses.OBJECTIVE_IMPLS)
     _require(config.loss.impl in impls, "loss.impl", f"must be one of {impls} for loss.kind={config.loss.kind!r}, got {config.loss.impl!r}")
     _require(config.loss.tile == 0 or config.loss.impl == "tiled", "loss.tile", "applies to loss.impl='tiled' only")
     _require(config.loss.tile >= 0, "loss.tile", "must be 0 (automatic) or positive")
+    _require(config.loss.kind != "unicl" or bool(config.data.label_key), "data.label_key",
+             "loss.kind='unicl' needs a class-label feature")
+    _require(config.loss.kind != "slip" or config.loss.ssl_dim > 0, "loss.ssl_dim", "must be positive for loss.kind='slip'")
     _require(config.train.steps > 0, "train.steps", "must be positive")
     _require(config.train.batch_size > 0, "train.batch_size", "must be positive")
     for f in ("log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):

@@ -101,6 +101,8 @@ def make_encoders(model: towers.TwoTower, params, mesh: Mesh, batch_size: int):
 def evaluate_splits(model, params, mesh: Mesh, eval_data: Mapping[str, dict], ds: pipeline.Dataset,
                     config) -> dict[str, float]:
     """Zero-shot and retrieval metrics for every loaded split, namespaced by split."""
+    if not eval_data:
+        return {}
     encode_image, encode_text = make_encoders(model, params, mesh, config.evaluate.batch_size)
     text_len = config.model.text.max_len
     metrics: dict[str, float] = {}

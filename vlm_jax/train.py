@@ -87,6 +87,7 @@ def setup(config) -> Setup:
     model = towers.make_model(
         config.model, ds.tokenizer.vocab_size, config.loss.log_t_init,
         config.loss.bias_init if config.loss.kind == "sigmoid" else None,
+        config.loss.ssl_dim if config.loss.kind == "slip" else 0,
     )
     tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
 
@@ -113,20 +114,37 @@ def with_shardings(abstract: State, shardings: State) -> State:
 def make_train_step(config, model: towers.TwoTower, tx: optax.GradientTransformation, schedule, mesh, state_sh):
     kind = config.loss.kind
     loss_kw = dict(impl=config.loss.impl, mesh=mesh, axis=parallel.DATA_AXES, tile=config.loss.tile or None)
+    TT = towers.TwoTower
 
-    def contrastive_loss(zimg, ztxt, log_t, bias):
+    def objective(params, batch) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
+        """(loss, log_t, bias, extra metrics) of the configured objective."""
+        v = {"params": params}
+        images = pipeline.normalize_images(batch["image"])
+        if kind == "filip":
+            log_t, bias = model.apply(v, method=TT.scalars)
+            img_tokens = model.apply(v, images, method=TT.encode_image_tokens)
+            txt_tokens, txt_mask = model.apply(v, batch["text"], method=TT.encode_text_tokens)
+            return losses.filip_loss(img_tokens, txt_tokens, txt_mask, log_t, **loss_kw), log_t, bias, {}
+        zimg, ztxt, log_t, bias = model.apply(v, images, batch["text"])
         if kind == "softmax":
-            return losses.softmax_loss(zimg, ztxt, log_t, **loss_kw)
-        return losses.sigmoid_loss(zimg, ztxt, log_t, bias, **loss_kw)
+            return losses.softmax_loss(zimg, ztxt, log_t, **loss_kw), log_t, bias, {}
+        if kind == "sigmoid":
+            return losses.sigmoid_loss(zimg, ztxt, log_t, bias, **loss_kw), log_t, bias, {}
+        if kind == "unicl":
+            return losses.unicl_loss(zimg, ztxt, batch["label"], log_t, **loss_kw), log_t, bias, {}
+        # slip: CLIP on the image and image–image InfoNCE between two augmented views
+        clip = losses.softmax_loss(zimg, ztxt, log_t, **loss_kw)
+        h1 = model.apply(v, pipeline.normalize_images(batch["view1"]), method=TT.encode_view)
+        h2 = model.apply(v, pipeline.normalize_images(batch["view2"]), method=TT.encode_view)
+        ssl = losses.image_infonce_loss(h1, h2, jnp.float32(config.loss.ssl_log_t), **loss_kw)
+        return clip + config.loss.ssl_weight * ssl, log_t, bias, {"train/clip_loss": clip, "train/ssl_loss": ssl}
 
     def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
-        images = pipeline.normalize_images(batch["image"])
-
         def loss_fn(params):
-            zimg, ztxt, log_t, bias = model.apply({"params": params}, images, batch["text"])
-            return contrastive_loss(zimg, ztxt, log_t, bias), (log_t, bias)
+            loss, log_t, bias, extra = objective(params, batch)
+            return loss, (log_t, bias, extra)
 
-        (loss, (log_t, bias)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (loss, (log_t, bias, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {
             "step": state["step"] + 1,
@@ -139,6 +157,7 @@ def make_train_step(config, model: towers.TwoTower, tx: optax.GradientTransforma
             "train/log_temp": log_t,
             "train/learning_rate": schedule(state["step"]),
             "train/grad_norm": optax.tree.norm(grads),
+            **extra,
         }
         if kind == "sigmoid":
             out["train/bias"] = bias
@@ -178,6 +197,7 @@ def train(config, workdir: str) -> dict[str, float]:
     train_ds = pipeline.train_dataset(
         ds, config.data, config.model.text.max_len, config.train.batch_size, config.seed,
         jax.process_index(), jax.process_count(),
+        with_label=config.loss.kind == "unicl", two_views=config.loss.kind == "slip",
     )
     data_iter = iter(train_ds)
     start = mgr.latest_step()

@@ -104,20 +104,47 @@ def _text(value) -> str:
 
 
 class _Preprocess(grain.transforms.Map):
-    def __init__(self, data_cfg, tok: tokenizers.Tokenizer, text_len: int):
+    def __init__(self, data_cfg, tok: tokenizers.Tokenizer, text_len: int, with_label: bool = False):
         self._cfg = data_cfg
         self._tok = tok
         self._len = text_len
+        self._with_label = with_label
 
     def map(self, ex):
         image = resize_uint8(np.asarray(ex[self._cfg.image_key]), self._cfg.image_size)
         tokens = tokenizers.tokenize(self._tok, [_text(ex[self._cfg.text_key])], self._len)[0]
-        return {"image": image, "text": tokens}
+        out = {"image": image, "text": tokens}
+        if self._with_label:
+            out["label"] = np.int32(ex[self._cfg.label_key])
+        return out
+
+
+def augment_view(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random view for image–image contrast: a shift of up to 1/8 of the
+    side (edge padding) and a horizontal flip with probability ½."""
+    size = image.shape[0]
+    pad = max(size // 8, 1)
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    dy, dx = rng.integers(0, 2 * pad + 1, size=2)
+    view = padded[dy:dy + size, dx:dx + size]
+    return view[:, ::-1] if rng.random() < 0.5 else view
+
+
+class _TwoViews(grain.transforms.RandomMap):
+    def random_map(self, ex, rng: np.random.Generator):
+        return {**ex, "view1": augment_view(ex["image"], rng), "view2": augment_view(ex["image"], rng)}
 
 
 def train_dataset(ds: Dataset, data_cfg, text_len: int, global_batch: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """Infinite stream of this process's share of each global batch."""
+                  process_index: int = 0, process_count: int = 1, *, with_label: bool = False,
+                  two_views: bool = False) -> grain.IterDataset:
+    """Infinite stream of this process's share of each global batch.
+
+    Batches hold "image" (uint8) and "text" (int32 tokens); with ``with_label``
+    also "label" (config.data.label_key, for UniCL); with ``two_views`` also
+    "view1" and "view2", two random augmentations of the image (for SLIP),
+    drawn from a per-example generator seeded by (seed, position), so they too
+    are reproduced exactly after a resume."""
     if global_batch % process_count:
         raise ValueError(f"config.train.batch_size={global_batch} is not divisible by {process_count} processes")
     source = _split(ds, data_cfg.train_split, "config.data.train_split")
@@ -126,10 +153,13 @@ def train_dataset(ds: Dataset, data_cfg, text_len: int, global_batch: int, seed:
         raise ValueError(
             f"config.train.batch_size={global_batch}: the train split has only {len(local)} examples per process"
         )
+    if with_label and not ds.class_names:
+        raise ValueError(f"config.data.label_key={data_cfg.label_key!r} names no class-label feature of the dataset")
+    stream = local.shuffle(seed=seed).repeat(None).map(_Preprocess(data_cfg, ds.tokenizer, text_len, with_label))
+    if two_views:
+        stream = stream.random_map(_TwoViews(), seed=seed + 1)
     return (
-        local.shuffle(seed=seed)
-        .repeat(None)
-        .map(_Preprocess(data_cfg, ds.tokenizer, text_len))
+        stream
         .batch(global_batch // process_count, drop_remainder=True)
         .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
     )

@@ -97,7 +97,7 @@ class MAPHead(nn.Module):
 
 
 class ViT(nn.Module):
-    """Vision Transformer image tower; returns pooled features (B, width)."""
+    """Vision Transformer image tower; returns (pooled (B, width), tokens (B, n, width))."""
 
     patch_size: int
     width: int
@@ -127,16 +127,17 @@ class ViT(nn.Module):
             x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)).astype(x.dtype), x], axis=1)
         x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, name="encoder")(x)
         if self.pool == "cls":
-            return x[:, 0]
+            return x[:, 0], x[:, 1:]
         if self.pool == "gap":
-            return x.mean(axis=1)
+            return x.mean(axis=1), x
         if self.pool == "map":
-            return MAPHead(self.mlp_dim, self.num_heads, self.dtype, name="map_head")(x)
+            return MAPHead(self.mlp_dim, self.num_heads, self.dtype, name="map_head")(x), x
         raise ValueError(f"config.model.image.pool must be 'cls', 'gap' or 'map', got {self.pool!r}")
 
 
 class TextTransformer(nn.Module):
-    """Transformer text tower over int token ids (0 = padding); returns (B, width).
+    """Transformer text tower over int token ids (0 = padding); returns
+    (pooled (B, width), tokens (B, L, width)); padding tokens are 0 in ``tokens``.
 
     ``pool``: "eos" takes the last non-padding token (the tokenizers put EOS
     there), "last" the final position, "mean" the mean over non-padding tokens.
@@ -171,12 +172,12 @@ class TextTransformer(nn.Module):
         x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, name="encoder")(x, mask)
         if self.pool == "eos":
             last = jnp.maximum(valid.sum(axis=1) - 1, 0)
-            return x[jnp.arange(b), last]
+            return x[jnp.arange(b), last], x
         if self.pool == "last":
-            return x[:, -1]
+            return x[:, -1], x
         if self.pool == "mean":
             w = valid.astype(x.dtype)[..., None]
-            return (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
+            return (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0), x
         raise ValueError(f"config.model.text.pool must be 'eos', 'last' or 'mean', got {self.pool!r}")
 
 
@@ -188,10 +189,14 @@ class TwoTower(nn.Module):
     embed_dim: int
     log_t_init: float
     bias_init: float | None = None  # None: no bias parameter (softmax loss)
+    ssl_dim: int = 0  # > 0: SLIP's image-only MLP head (hidden = image width) for two-view InfoNCE
 
     def setup(self):
         self.img_proj = nn.Dense(self.embed_dim, use_bias=False, name="img_proj")
         self.txt_proj = nn.Dense(self.embed_dim, use_bias=False, name="txt_proj")
+        if self.ssl_dim:
+            self.ssl_fc1 = nn.Dense(self.image.width, name="ssl_fc1")
+            self.ssl_fc2 = nn.Dense(self.ssl_dim, name="ssl_fc2")
         self.log_t = self.param("log_t", nn.initializers.constant(self.log_t_init), ())
         if self.bias_init is not None:
             self.bias = self.param("bias", nn.initializers.constant(self.bias_init), ())
@@ -202,21 +207,43 @@ class TwoTower(nn.Module):
         return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
     def encode_image(self, images):
-        return self._l2(self.img_proj(self.image(images)))
+        return self._l2(self.img_proj(self.image(images)[0]))
 
     def encode_text(self, tokens):
-        return self._l2(self.txt_proj(self.text(tokens)))
+        return self._l2(self.txt_proj(self.text(tokens)[0]))
+
+    def encode_image_tokens(self, images):
+        """Per-token image embeddings (B, n, embed_dim), each L2-normalised (FILIP)."""
+        return self._l2(self.img_proj(self.image(images)[1]))
+
+    def encode_text_tokens(self, tokens):
+        """Per-token text embeddings (B, L, embed_dim), L2-normalised, and the
+        float mask of real (non-padding) tokens (FILIP)."""
+        return self._l2(self.txt_proj(self.text(tokens)[1])), (tokens != 0).astype(jnp.float32)
+
+    def encode_view(self, images):
+        """SLIP's self-supervised embedding of an augmented view (L2-normalised)."""
+        h = self.image(images)[0]
+        return self._l2(self.ssl_fc2(nn.relu(self.ssl_fc1(h))))
+
+    def scalars(self):
+        bias = self.bias if self.bias_init is not None else jnp.zeros((), jnp.float32)
+        return self.log_t, bias
 
     def __call__(self, images, tokens):
         zimg, ztxt = self.encode_image(images), self.encode_text(tokens)
-        bias = self.bias if self.bias_init is not None else jnp.zeros((), jnp.float32)
-        return zimg, ztxt, self.log_t, bias
+        out = (zimg, ztxt) + self.scalars()
+        if self.ssl_dim and self.is_initializing():  # create the SSL head's parameters
+            self.encode_view(images)
+        if self.is_initializing():
+            self.encode_image_tokens(images)
+        return out
 
 
-def make_model(model_cfg, vocab_size: int, log_t_init: float, bias_init: float | None) -> TwoTower:
+def make_model(model_cfg, vocab_size: int, log_t_init: float, bias_init: float | None, ssl_dim: int = 0) -> TwoTower:
     """Builds the two-tower model from ``config.model`` (explicit, no registry)."""
     dtype = jnp.dtype(model_cfg.dtype)
     ic, tc = model_cfg.image, model_cfg.text
     image = ViT(ic.patch_size, ic.width, ic.depth, ic.mlp_dim, ic.num_heads, ic.posemb, ic.pool, dtype)
     text = TextTransformer(vocab_size, tc.max_len, tc.width, tc.depth, tc.mlp_dim, tc.num_heads, tc.causal, tc.pool, dtype)
-    return TwoTower(image, text, model_cfg.embed_dim, log_t_init, bias_init)
+    return TwoTower(image, text, model_cfg.embed_dim, log_t_init, bias_init, ssl_dim)
