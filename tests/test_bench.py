@@ -1,0 +1,49 @@
+"""The loss-scaling benchmark runs at tiny sizes and writes sane CSV, table and plots."""
+
+import csv
+import os
+
+from vlm_jax.bench import loss_scaling
+
+
+def test_loss_scaling_cli_writes_csv_table_and_plots(tmp_path):
+    out = tmp_path / "bench"
+    rows = loss_scaling.main([
+        "--kinds", "softmax,sigmoid", "--batch-sizes", "64,128", "--dims", "16", "--devices", "1,4",
+        "--reps", "2", "--out", str(out),
+    ])
+    assert len(rows) == 2 * 2 * 2 * 4  # kinds × N × B × impls
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows)
+    for r in table:
+        assert r["status"] == "ok", r
+        assert float(r["step_ms_median"]) > 0 and float(r["compile_s"]) > 0
+        assert int(r["temp_bytes"]) >= 0 and int(r["argument_bytes"]) > 0
+        assert r["jax_version"] and r["device_kind"]
+    by = {(r["kind"], r["impl"], int(r["batch"]), int(r["devices"])): r for r in table}
+    # The dense baseline's temporaries grow like B², the tiled loss's like B.
+    dense = [int(by[("softmax", "global_logits", b, 1)]["temp_bytes"]) for b in (64, 128)]
+    tiled = [int(by[("softmax", "tiled", b, 1)]["temp_bytes"]) for b in (64, 128)]
+    assert dense[1] > 3 * dense[0]
+    assert tiled[1] < 2.5 * tiled[0]
+    assert "× baseline" in (out / "results.md").read_text()
+    for name in ("softmax_vs_batch.png", "sigmoid_vs_batch.png", "softmax_vs_devices.png"):
+        assert os.path.getsize(out / name) > 1000
+
+
+def test_max_batch_search_respects_the_budget(tmp_path):
+    budget_gb = 4 / 1024  # 4 MiB per device
+    best, tried = loss_scaling.max_batch("sigmoid", "all_gather", 16, 2, "float32", budget_gb)
+    assert best > 0
+    fitting = [r for r in tried if loss_scaling.fits(r, budget_gb * (1 << 30))]
+    assert max(r.batch for r in fitting) == best
+    assert any(not loss_scaling.fits(r, budget_gb * (1 << 30)) and r.batch > best for r in tried)
+    ring_best, _ = loss_scaling.max_batch("sigmoid", "ring", 16, 2, "float32", budget_gb)
+    assert ring_best > best  # memory-linear reaches further on the same budget
+
+
+def test_cost_models():
+    assert loss_scaling.flop_model("softmax", "tiled", 10, 2) == ("8*B^2*d", 1600.0)
+    assert loss_scaling.comm_bytes_per_device("sigmoid", "all_gather", 8, 2, 4, 4) == 2 * 3 * 2 * 2 * 4
+    assert loss_scaling.comm_bytes_per_device("softmax", "ring", 8, 2, 1, 4) == 0.0
