@@ -202,9 +202,10 @@ def fits(row: Row, budget_bytes: float) -> bool:
 
 def max_batch(kind: str, impl: str, dim: int, n: int, dtype: str, budget_gb: float, tile: int | None = None,
               start: int | None = None, limit: int = 1 << 26) -> tuple[int, list[Row]]:
-    """Largest global batch (a multiple of 8·n) whose compiled per-device memory fits; compile-only."""
+    """Largest global batch (a multiple of 8·n, or of tile·n for impl="tiled")
+    whose compiled per-device memory fits; compiles only."""
     budget = budget_gb * (1 << 30)
-    step = 8 * n
+    step = (tile if impl == "tiled" and tile else 8) * n
     rows: list[Row] = []
     lo, b = 0, start or step * 64
     while b <= limit:  # doubling
