@@ -83,6 +83,7 @@ def base_config() -> ConfigDict:
     c.train = ConfigDict()
     c.train.steps = 500
     c.train.batch_size = 128
+    c.train.accum_steps = 1  # > 1: exact gradient accumulation over this many micro-batches
     c.train.log_every = 50
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 2
@@ -206,6 +207,7 @@ def check_config(config: ConfigDict) -> None:
              "loss.kind='unicl' needs a class-label feature")
     _require(config.loss.kind != "slip" or config.loss.ssl_dim > 0, "loss.ssl_dim", "must be positive for loss.kind='slip'")
     _require(config.train.steps > 0, "train.steps", "must be positive")
+    _require(config.train.accum_steps > 0, "train.accum_steps", "must be positive")
     _require(config.train.batch_size > 0, "train.batch_size", "must be positive")
     for f in ("log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
         _require(config.train[f] > 0, f"train.{f}", "must be positive")
@@ -226,4 +228,11 @@ def check_against_mesh(config: ConfigDict, num_data_devices: int) -> None:
         config.train.batch_size % num_data_devices == 0,
         "train.batch_size",
         f"{config.train.batch_size} is not divisible by the {num_data_devices} data-parallel devices",
+    )
+    k = config.train.accum_steps
+    _require(
+        config.train.batch_size % (num_data_devices * k) == 0,
+        "train.accum_steps",
+        f"{k} micro-batches of train.batch_size={config.train.batch_size} do not split evenly over "
+        f"{num_data_devices} devices (needs batch_size divisible by {num_data_devices * k})",
     )

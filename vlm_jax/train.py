@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlm_jax import checkpoint, config as config_lib, evaluate, losses, metrics as metrics_lib, optim, parallel
 from vlm_jax.data import pipeline
@@ -111,40 +111,125 @@ def with_shardings(abstract: State, shardings: State) -> State:
 # --------------------------------------------------------------------------- 5. loss and train step
 
 
-def make_train_step(config, model: towers.TwoTower, tx: optax.GradientTransformation, schedule, mesh, state_sh):
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The configured objective in two parts, so that gradients can be accumulated.
+
+    encode(params, batch) -> per-example outputs (embeddings, tokens, views);
+    combine(outputs, log_t, bias, batch) -> (loss, extra metrics): the
+    contrastive loss over the whole global batch; scalars(params) -> (log_t, bias).
+    """
+
+    encode: Callable
+    combine: Callable
+    scalars: Callable
+
+
+def make_objective(config, model: towers.TwoTower, mesh: Mesh) -> Objective:
     kind = config.loss.kind
     loss_kw = dict(impl=config.loss.impl, mesh=mesh, axis=parallel.DATA_AXES, tile=config.loss.tile or None)
     TT = towers.TwoTower
 
-    def objective(params, batch) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
-        """(loss, log_t, bias, extra metrics) of the configured objective."""
+    def encode(params, batch):
         v = {"params": params}
         images = pipeline.normalize_images(batch["image"])
         if kind == "filip":
-            log_t, bias = model.apply(v, method=TT.scalars)
-            img_tokens = model.apply(v, images, method=TT.encode_image_tokens)
             txt_tokens, txt_mask = model.apply(v, batch["text"], method=TT.encode_text_tokens)
-            return losses.filip_loss(img_tokens, txt_tokens, txt_mask, log_t, **loss_kw), log_t, bias, {}
-        zimg, ztxt, log_t, bias = model.apply(v, images, batch["text"])
+            img_tokens = model.apply(v, images, method=TT.encode_image_tokens)
+            return {"img_tokens": img_tokens, "txt_tokens": txt_tokens, "txt_mask": txt_mask}
+        out = {"zimg": model.apply(v, images, method=TT.encode_image),
+               "ztxt": model.apply(v, batch["text"], method=TT.encode_text)}
+        if kind == "slip":
+            for view in ("view1", "view2"):
+                out[view] = model.apply(v, pipeline.normalize_images(batch[view]), method=TT.encode_view)
+        return out
+
+    def combine(out, log_t, bias, batch):
+        if kind == "filip":
+            return losses.filip_loss(out["img_tokens"], out["txt_tokens"], out["txt_mask"], log_t, **loss_kw), {}
+        zimg, ztxt = out["zimg"], out["ztxt"]
         if kind == "softmax":
-            return losses.softmax_loss(zimg, ztxt, log_t, **loss_kw), log_t, bias, {}
+            return losses.softmax_loss(zimg, ztxt, log_t, **loss_kw), {}
         if kind == "sigmoid":
-            return losses.sigmoid_loss(zimg, ztxt, log_t, bias, **loss_kw), log_t, bias, {}
+            return losses.sigmoid_loss(zimg, ztxt, log_t, bias, **loss_kw), {}
         if kind == "unicl":
-            return losses.unicl_loss(zimg, ztxt, batch["label"], log_t, **loss_kw), log_t, bias, {}
+            return losses.unicl_loss(zimg, ztxt, batch["label"], log_t, **loss_kw), {}
         # slip: CLIP on the image and image–image InfoNCE between two augmented views
         clip = losses.softmax_loss(zimg, ztxt, log_t, **loss_kw)
-        h1 = model.apply(v, pipeline.normalize_images(batch["view1"]), method=TT.encode_view)
-        h2 = model.apply(v, pipeline.normalize_images(batch["view2"]), method=TT.encode_view)
-        ssl = losses.image_infonce_loss(h1, h2, jnp.float32(config.loss.ssl_log_t), **loss_kw)
-        return clip + config.loss.ssl_weight * ssl, log_t, bias, {"train/clip_loss": clip, "train/ssl_loss": ssl}
+        ssl = losses.image_infonce_loss(out["view1"], out["view2"], jnp.float32(config.loss.ssl_log_t), **loss_kw)
+        return clip + config.loss.ssl_weight * ssl, {"train/clip_loss": clip, "train/ssl_loss": ssl}
+
+    def scalars(params):
+        return model.apply({"params": params}, method=TT.scalars)
+
+    return Objective(encode, combine, scalars)
+
+
+def make_grad_fn(objective: Objective, mesh: Mesh, accum_steps: int = 1):
+    """(params, batch) -> ((loss, (log_t, bias, extra)), grads), exact for any accum_steps.
+
+    With accum_steps = k > 1 the global batch is processed as k micro-batches,
+    each spread over all data devices:
+      1. encode every micro-batch, keeping no activations (``lax.map``);
+      2. the full-batch loss and its gradients with respect to the outputs,
+         log_t and bias, once (with the configured loss impl, negatives from
+         the whole global batch);
+      3. re-encode each micro-batch and pull its cached output gradients back
+         into the tower parameters (``jax.vjp``), summed by ``lax.scan``.
+    log_t and bias get their gradient from step 2 only, once: never k times.
+    """
+    if accum_steps == 1:
+        def full(params, batch):
+            def loss_fn(p):
+                log_t, bias = objective.scalars(p)
+                loss, extra = objective.combine(objective.encode(p, batch), log_t, bias, batch)
+                return loss, (log_t, bias, extra)
+
+            return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+        return full
+
+    k, n = accum_steps, parallel.num_data_devices(mesh)
+    micro_sh = NamedSharding(mesh, P(None, parallel.DATA_AXES))
+    flat_sh = parallel.batch_sharding(mesh)
+
+    def to_micro(x):
+        # Device p holds rows [p·b, (p+1)·b); micro-batch m takes the m-th
+        # b/k of every device's rows, so no rows move between devices.
+        y = x.reshape(n, k, x.shape[0] // (n * k), *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(y.reshape(k, x.shape[0] // k, *x.shape[1:]), micro_sh)
+
+    def from_micro(y):
+        x = y.reshape(k, n, y.shape[1] // n, *y.shape[2:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x.reshape(k * y.shape[1], *y.shape[2:]), flat_sh)
+
+    tmap = jax.tree_util.tree_map
+
+    def accumulated(params, batch):
+        micro = tmap(to_micro, batch)
+        outputs = tmap(from_micro, jax.lax.map(lambda mb: objective.encode(params, mb), micro))
+        log_t, bias = objective.scalars(params)
+        (loss, extra), (d_out, d_log_t, d_bias) = jax.value_and_grad(objective.combine, argnums=(0, 1, 2), has_aux=True)(
+            outputs, log_t, bias, batch)
+        _, pull_scalars = jax.vjp(objective.scalars, params)
+        grads = pull_scalars((d_log_t, d_bias))[0]
+
+        def micro_step(acc, xs):
+            mb, d_mb = xs
+            _, pull = jax.vjp(lambda p: objective.encode(p, mb), params)
+            return tmap(jnp.add, acc, pull(d_mb)[0]), None
+
+        grads, _ = jax.lax.scan(micro_step, grads, (micro, tmap(to_micro, d_out)))
+        return (loss, (log_t, bias, extra)), grads
+
+    return accumulated
+
+
+def make_train_step(config, model: towers.TwoTower, tx: optax.GradientTransformation, schedule, mesh, state_sh):
+    grad_fn = make_grad_fn(make_objective(config, model, mesh), mesh, config.train.accum_steps)
 
     def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
-        def loss_fn(params):
-            loss, log_t, bias, extra = objective(params, batch)
-            return loss, (log_t, bias, extra)
-
-        (loss, (log_t, bias, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (loss, (log_t, bias, extra)), grads = grad_fn(state["params"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {
             "step": state["step"] + 1,
@@ -159,7 +244,7 @@ def make_train_step(config, model: towers.TwoTower, tx: optax.GradientTransforma
             "train/grad_norm": optax.tree.norm(grads),
             **extra,
         }
-        if kind == "sigmoid":
+        if config.loss.kind == "sigmoid":
             out["train/bias"] = bias
         return new_state, out
 
