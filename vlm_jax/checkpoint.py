@@ -38,7 +38,8 @@ def compat_record(config, params: Any) -> dict:
     return {
         "params": sorted([parallel.path_str(p), list(x.shape), str(x.dtype)] for p, x in leaves),
         "config": {k: v for k, v in _flatten_config(config.to_dict()).items()
-                   if k.startswith(("config.model.", "config.loss.kind", "config.data.tokenizer", "config.data.vocab_size"))},
+                   if k.startswith(("config.model.", "config.loss.kind", "config.data.tokenizer", "config.data.vocab_size",
+                                     "config.train.freeze", "config.optim.lr_rules"))},
     }
 
 

@@ -79,6 +79,7 @@ def base_config() -> ConfigDict:
     c.optim.b2 = 0.98
     c.optim.eps = 1e-6
     c.optim.grad_clip = 1.0
+    c.optim.lr_rules = ()  # ((regex over parameter paths, learning-rate multiplier), ...); first match wins
 
     c.train = ConfigDict()
     c.train.steps = 500
@@ -89,6 +90,13 @@ def base_config() -> ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.eval_every = 250
     c.train.progress = True
+    c.train.freeze = ()  # regexes of parameter paths to freeze: no gradient, no optimizer state, no decay
+
+    # Partial initialisation from another run's checkpoint (LiT: the image tower).
+    c.model_init = ConfigDict()
+    c.model_init.workdir = ""  # "" = none
+    c.model_init.step = -1  # -1 = its latest checkpoint
+    c.model_init.rules = ()  # ((regex over this model's paths, replacement giving the source path), ...)
 
     c.evaluate = ConfigDict()
     c.evaluate.splits = ("test_seen", "test_unseen")
@@ -219,6 +227,14 @@ def check_config(config: ConfigDict) -> None:
         _require(t.width % t.num_heads == 0, f"model.{tower}.num_heads", f"{t.num_heads} does not divide width {t.width}")
     _require(config.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {config.model.dtype!r}")
     _require(config.mesh.data == -1 or config.mesh.data > 0, "mesh.data", "must be -1 (all devices) or positive")
+    for i, rule in enumerate(config.optim.lr_rules):
+        _require(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[1], (int, float)),
+                 f"optim.lr_rules[{i}]", f"must be (regex, multiplier), got {rule!r}")
+    for i, rule in enumerate(config.model_init.rules):
+        _require(isinstance(rule, (tuple, list)) and len(rule) == 2, f"model_init.rules[{i}]",
+                 f"must be (regex, replacement), got {rule!r}")
+    _require(not config.model_init.workdir or bool(config.model_init.rules), "model_init.rules",
+             "name which parameters to load from model_init.workdir")
     for i, tmpl in enumerate(config.evaluate.templates):
         _require("{}" in tmpl, f"evaluate.templates[{i}]", f"{tmpl!r} has no '{{}}' for the class name")
 

@@ -24,10 +24,21 @@ def decay_mask(params):
 
 
 def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Global-norm clipping, then AdamW; with ``optim.lr_rules`` each rule's
+    parameters get the schedule times the rule's multiplier."""
     schedule = learning_rate_schedule(optim_cfg, total_steps)
-    tx = optax.chain(
-        optax.clip_by_global_norm(optim_cfg.grad_clip),
-        optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                    weight_decay=optim_cfg.weight_decay, mask=decay_mask),
-    )
-    return tx, schedule
+
+    def adamw(lr):
+        return optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                           weight_decay=optim_cfg.weight_decay, mask=decay_mask)
+
+    if not optim_cfg.lr_rules:
+        inner = adamw(schedule)
+    else:
+        from vlm_jax import rules
+
+        transforms = {"base": adamw(schedule)}
+        for i, (_, mult) in enumerate(optim_cfg.lr_rules):
+            transforms[f"rule{i}"] = adamw(lambda step, m=float(mult): m * schedule(step))
+        inner = optax.multi_transform(transforms, lambda params: rules.lr_labels(params, optim_cfg.lr_rules))
+    return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), inner), schedule

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vlm_jax import checkpoint, config as config_lib, evaluate, losses, metrics as metrics_lib, optim, parallel
+from vlm_jax import checkpoint, config as config_lib, evaluate, losses, metrics as metrics_lib, optim, parallel, rules
 from vlm_jax.data import pipeline
 from vlm_jax.models import towers
 
@@ -97,8 +97,18 @@ def setup(config) -> Setup:
         images = jnp.zeros((1, s, s, 3), jnp.float32)
         tokens = jnp.zeros((1, config.model.text.max_len), jnp.int32)
         params = model.init(init_rng, images, tokens)["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": train_rng}
+        trainable, _ = rules.split(params, config.train.freeze)  # frozen parameters get no optimizer state
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(trainable), "rng": train_rng}
 
+    abstract_params = jax.eval_shape(
+        lambda r: model.init(r, jnp.zeros((1, config.data.image_size, config.data.image_size, 3)),
+                             jnp.zeros((1, config.model.text.max_len), jnp.int32))["params"],
+        jax.random.PRNGKey(0))
+    try:
+        rules.check_patterns(abstract_params, config.train.freeze, "config.train.freeze")
+        rules.check_patterns(abstract_params, [r for r, _ in config.optim.lr_rules], "config.optim.lr_rules")
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from e
     abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
     state_sh = parallel.shardings_from_rules(abstract, mesh)
     return Setup(mesh, ds, model, tx, schedule, init_state, abstract, state_sh)
@@ -165,8 +175,11 @@ def make_objective(config, model: towers.TwoTower, mesh: Mesh) -> Objective:
     return Objective(encode, combine, scalars)
 
 
-def make_grad_fn(objective: Objective, mesh: Mesh, accum_steps: int = 1):
+def make_grad_fn(objective: Objective, mesh: Mesh, accum_steps: int = 1, frozen: Sequence[str] = ()):
     """(params, batch) -> ((loss, (log_t, bias, extra)), grads), exact for any accum_steps.
+
+    ``grads`` covers the trainable parameters only: no gradient is computed for
+    parameters matching the ``frozen`` regexes.
 
     With accum_steps = k > 1 the global batch is processed as k micro-batches,
     each spread over all data devices:
@@ -180,12 +193,15 @@ def make_grad_fn(objective: Objective, mesh: Mesh, accum_steps: int = 1):
     """
     if accum_steps == 1:
         def full(params, batch):
-            def loss_fn(p):
+            trainable, fixed = rules.split(params, frozen)
+
+            def loss_fn(tp):
+                p = rules.merge(tp, fixed)
                 log_t, bias = objective.scalars(p)
                 loss, extra = objective.combine(objective.encode(p, batch), log_t, bias, batch)
                 return loss, (log_t, bias, extra)
 
-            return jax.value_and_grad(loss_fn, has_aux=True)(params)
+            return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
 
         return full
 
@@ -206,17 +222,18 @@ def make_grad_fn(objective: Objective, mesh: Mesh, accum_steps: int = 1):
     tmap = jax.tree_util.tree_map
 
     def accumulated(params, batch):
+        trainable, fixed = rules.split(params, frozen)
         micro = tmap(to_micro, batch)
         outputs = tmap(from_micro, jax.lax.map(lambda mb: objective.encode(params, mb), micro))
         log_t, bias = objective.scalars(params)
         (loss, extra), (d_out, d_log_t, d_bias) = jax.value_and_grad(objective.combine, argnums=(0, 1, 2), has_aux=True)(
             outputs, log_t, bias, batch)
-        _, pull_scalars = jax.vjp(objective.scalars, params)
+        _, pull_scalars = jax.vjp(lambda tp: objective.scalars(rules.merge(tp, fixed)), trainable)
         grads = pull_scalars((d_log_t, d_bias))[0]
 
         def micro_step(acc, xs):
             mb, d_mb = xs
-            _, pull = jax.vjp(lambda p: objective.encode(p, mb), params)
+            _, pull = jax.vjp(lambda tp: objective.encode(rules.merge(tp, fixed), mb), trainable)
             return tmap(jnp.add, acc, pull(d_mb)[0]), None
 
         grads, _ = jax.lax.scan(micro_step, grads, (micro, tmap(to_micro, d_out)))
@@ -226,14 +243,16 @@ def make_grad_fn(objective: Objective, mesh: Mesh, accum_steps: int = 1):
 
 
 def make_train_step(config, model: towers.TwoTower, tx: optax.GradientTransformation, schedule, mesh, state_sh):
-    grad_fn = make_grad_fn(make_objective(config, model, mesh), mesh, config.train.accum_steps)
+    frozen = config.train.freeze
+    grad_fn = make_grad_fn(make_objective(config, model, mesh), mesh, config.train.accum_steps, frozen)
 
     def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
         (loss, (log_t, bias, extra)), grads = grad_fn(state["params"], batch)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        trainable, fixed = rules.split(state["params"], frozen)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         new_state = {
             "step": state["step"] + 1,
-            "params": optax.apply_updates(state["params"], updates),
+            "params": rules.merge(optax.apply_updates(trainable, updates), fixed),
             "opt_state": opt_state,
             "rng": state["rng"],
         }
@@ -257,6 +276,19 @@ def make_train_step(config, model: towers.TwoTower, tx: optax.GradientTransforma
 
 
 # --------------------------------------------------------------------------- 6. checkpoint / resume
+
+
+def initialise_from_checkpoint(config, params, shardings):
+    """Overwrites the parameters that ``config.model_init.rules`` select with
+    those of another run's checkpoint (LiT: the image tower)."""
+    src_dir = config.model_init.workdir
+    try:
+        source, step = rules.load_params(src_dir, config.model_init.step)
+        host, loaded = rules.init_from(jax.device_get(params), source, config.model_init.rules, f"{src_dir} step {step}")
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from e
+    print(f"initialised {len(loaded)} parameter arrays from {src_dir} step {step}", file=sys.stderr)
+    return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), host, shardings)
 
 
 def check_workdir(mgr, step: int, config, abstract: State, workdir: str) -> None:
@@ -288,6 +320,8 @@ def train(config, workdir: str) -> dict[str, float]:
     start = mgr.latest_step()
     if start is None:
         state = jax.jit(run.init_state, out_shardings=state_sh)(jax.random.PRNGKey(config.seed))
+        if config.model_init.workdir:
+            state["params"] = initialise_from_checkpoint(config, state["params"], state_sh["params"])
         start = 0
     else:
         check_workdir(mgr, start, config, abstract, workdir)
