@@ -60,3 +60,17 @@ def test_accum_steps_must_split_the_per_device_batch(data_dir, tmp_path):
         train.main(["--config", "configs/default.py", "--workdir", str(tmp_path),
                     "--config.data.data_dir=" + data_dir, "--config.data.dataset_config=tiny",
                     "--config.train.batch_size=32", "--config.train.accum_steps=3"])
+
+
+def test_accumulation_lowers_compiled_step_memory(data_dir):
+    temps = {}
+    for k in (1, 4):
+        cfg = load_tiny_config(data_dir, **{"train.batch_size": 256, "train.accum_steps": k})
+        run = train.setup(cfg)
+        step = train.make_train_step(cfg, run.model, run.tx, run.schedule, run.mesh, run.state_sh)
+        sh = parallel.batch_sharding(run.mesh)
+        batch = {"image": jax.ShapeDtypeStruct((256, 32, 32, 3), "uint8", sharding=sh),
+                 "text": jax.ShapeDtypeStruct((256, 16), "int32", sharding=sh)}
+        compiled = step.lower(train.with_shardings(run.abstract, run.state_sh), batch).compile()
+        temps[k] = compiled.memory_analysis().temp_size_in_bytes
+    assert temps[4] < 0.6 * temps[1], temps

@@ -49,12 +49,15 @@ def base_config() -> ConfigDict:
 
     c.model = ConfigDict()
     c.model.embed_dim = 64
+    c.model.image_projection = True  # False: pooled image features are the embedding (SigLIP)
+    c.model.text_projection_bias = False
     c.model.dtype = "float32"
     c.model.image = ConfigDict(
         dict(patch_size=4, width=96, depth=3, mlp_dim=384, num_heads=4, posemb="learn", pool="gap")
     )
     c.model.text = ConfigDict(
-        dict(max_len=16, width=96, depth=2, mlp_dim=384, num_heads=4, causal=True, pool="eos")
+        dict(max_len=16, width=96, depth=2, mlp_dim=384, num_heads=4, causal=True, pool="eos",
+             vocab_size=0)  # vocab_size 0: the tokenizer's
     )
 
     c.loss = ConfigDict()

@@ -84,11 +84,14 @@ def setup(config) -> Setup:
         if isinstance(e, config_lib.ConfigError):
             raise
         raise config_lib.ConfigError(str(e)) from e
-    model = towers.make_model(
-        config.model, ds.tokenizer.vocab_size, config.loss.log_t_init,
-        config.loss.bias_init if config.loss.kind == "sigmoid" else None,
-        config.loss.ssl_dim if config.loss.kind == "slip" else 0,
-    )
+    try:
+        model = towers.make_model(
+            config.model, ds.tokenizer.vocab_size, config.loss.log_t_init,
+            config.loss.bias_init if config.loss.kind == "sigmoid" else None,
+            config.loss.ssl_dim if config.loss.kind == "slip" else 0,
+        )
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from e
     tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
 
     def init_state(rng: jax.Array) -> State:

@@ -156,7 +156,8 @@ def measure(kind: str, impl: str, batch: int, dim: int, n: int, dtype: str = "fl
     machine, jax_version, device_kind = _environment()
     name, flops = flop_model(kind, impl, batch, dim)
     comm = comm_bytes_per_device(kind, impl, batch, dim, n, jnp.dtype(dtype).itemsize)
-    base = dict(kind=kind, impl=impl, batch=batch, dim=dim, devices=n, dtype=dtype, tile=tile or 0,
+    base = dict(kind=kind, impl=impl, batch=batch, dim=dim, devices=n, dtype=dtype,
+                tile=(tile or 0) if impl == "tiled" else 0,
                 flop_model=name, model_flops=flops, comm_bytes_per_device=comm,
                 machine=machine, jax_version=jax_version, device_kind=device_kind)
     nan = float("nan")

@@ -190,10 +190,18 @@ class TwoTower(nn.Module):
     log_t_init: float
     bias_init: float | None = None  # None: no bias parameter (softmax loss)
     ssl_dim: int = 0  # > 0: SLIP's image-only MLP head (hidden = image width) for two-view InfoNCE
+    image_projection: bool = True  # False (SigLIP): the pooled image features are the embedding
+    text_projection_bias: bool = False  # True (SigLIP): the text head has a bias
 
     def setup(self):
-        self.img_proj = nn.Dense(self.embed_dim, use_bias=False, name="img_proj")
-        self.txt_proj = nn.Dense(self.embed_dim, use_bias=False, name="txt_proj")
+        if self.image_projection:
+            self.img_proj = nn.Dense(self.embed_dim, use_bias=False, name="img_proj")
+        elif self.image.width != self.embed_dim:
+            raise ValueError(f"config.model.image_projection=False needs embed_dim == image width "
+                             f"({self.embed_dim} != {self.image.width})")
+        else:
+            self.img_proj = lambda x: x
+        self.txt_proj = nn.Dense(self.embed_dim, use_bias=self.text_projection_bias, name="txt_proj")
         if self.ssl_dim:
             self.ssl_fc1 = nn.Dense(self.image.width, name="ssl_fc1")
             self.ssl_fc2 = nn.Dense(self.ssl_dim, name="ssl_fc2")
@@ -245,5 +253,8 @@ def make_model(model_cfg, vocab_size: int, log_t_init: float, bias_init: float |
     dtype = jnp.dtype(model_cfg.dtype)
     ic, tc = model_cfg.image, model_cfg.text
     image = ViT(ic.patch_size, ic.width, ic.depth, ic.mlp_dim, ic.num_heads, ic.posemb, ic.pool, dtype)
-    text = TextTransformer(vocab_size, tc.max_len, tc.width, tc.depth, tc.mlp_dim, tc.num_heads, tc.causal, tc.pool, dtype)
-    return TwoTower(image, text, model_cfg.embed_dim, log_t_init, bias_init, ssl_dim)
+    if tc.vocab_size and tc.vocab_size < vocab_size:
+        raise ValueError(f"config.model.text.vocab_size={tc.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    text = TextTransformer(tc.vocab_size or vocab_size, tc.max_len, tc.width, tc.depth, tc.mlp_dim, tc.num_heads, tc.causal, tc.pool, dtype)
+    return TwoTower(image, text, model_cfg.embed_dim, log_t_init, bias_init, ssl_dim,
+                    model_cfg.image_projection, model_cfg.text_projection_bias)

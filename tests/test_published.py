@@ -1,0 +1,42 @@
+"""Published model shapes have the published parameter counts."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax.models import towers
+
+spec = importlib.util.spec_from_file_location("published_configs", "configs/published.py")
+published = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(published)
+
+# Parameter counts of the released models (CLIP: OpenAI's checkpoints; SigLIP:
+# the released B/16 at 224 px and So400m/14 at 384 px).
+PUBLISHED = {
+    "clip_vit_b32": 151_277_313,
+    "clip_vit_b16": 149_620_737,
+    "clip_vit_l14": 427_616_513,
+    "siglip_b16": 203_156_230,
+    "siglip_so400m14": 877_960_498,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_count_matches_the_release(name):
+    c = published.get_config(name)
+    bias = c.loss.bias_init if c.loss.kind == "sigmoid" else None
+    model = towers.make_model(c.model, 100, c.loss.log_t_init, bias)  # the config's own vocabulary overrides 100
+    s = c.data.image_size
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, s, s, 3)),
+                            jnp.ones((1, c.model.text.max_len), jnp.int32))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+    # CLIP's pre-transformer LayerNorm (1,536 parameters) is the only difference.
+    assert abs(n - PUBLISHED[name]) / PUBLISHED[name] < 1e-4, (name, n)
+
+
+def test_unknown_published_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model 'clip_vit_h99'"):
+        published.get_config("clip_vit_h99")
