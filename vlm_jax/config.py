@@ -51,7 +51,9 @@ def base_config() -> ConfigDict:
     c.model.embed_dim = 64
     c.model.image_projection = True  # False: pooled image features are the embedding (SigLIP)
     c.model.text_projection_bias = False
-    c.model.dtype = "float32"
+    c.model.dtype = "float32"  # compute dtype of the towers ("bfloat16": bf16 matmuls); losses stay float32
+    c.model.remat = "none"  # "none" | "full" | "dots" | "dots_with_batch": recompute block activations
+    c.model.scan = False  # nn.scan over the blocks of each tower
     c.model.image = ConfigDict(
         dict(patch_size=4, width=96, depth=3, mlp_dim=384, num_heads=4, posemb="learn", pool="gap")
     )

@@ -67,16 +67,61 @@ class EncoderBlock(nn.Module):
         return x + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(y)
 
 
+# Rematerialisation policies by name (config.model.remat): what the backward
+# pass may keep from the forward pass of each block instead of recomputing it.
+REMAT_POLICIES = {
+    "full": None,  # keep nothing: recompute the whole block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    "dots_with_batch": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def _block_cls(remat: str, scan: bool):
+    if remat == "none":
+        return EncoderBlock
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"config.model.remat must be 'none' or one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+    # Under scan the loop already separates the iterations, so CSE prevention is unnecessary.
+    return nn.remat(EncoderBlock, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+
+
+class _ScannedBlock(nn.Module):
+    """One block in nn.scan's (carry, x) -> (carry, y) form."""
+
+    mlp_dim: int
+    num_heads: int
+    dtype: Dtype
+    remat: str
+
+    @nn.compact
+    def __call__(self, x, mask):
+        return _block_cls(self.remat, True)(self.mlp_dim, self.num_heads, self.dtype, name="block")(x, mask), None
+
+
 class Encoder(nn.Module):
+    """``depth`` pre-LN blocks and a final LayerNorm.
+
+    remat: "none" or a policy of REMAT_POLICIES (activation memory for compute);
+    scan: one ``nn.scan`` over stacked block parameters (compile time independent
+    of depth; parameters then live under "blocks" with a leading depth axis)."""
+
     depth: int
     mlp_dim: int
     num_heads: int
     dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x, mask=None):
-        for i in range(self.depth):
-            x = EncoderBlock(self.mlp_dim, self.num_heads, self.dtype, name=f"block{i}")(x, mask)
+        if self.scan:
+            stack = nn.scan(_ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=nn.broadcast, length=self.depth)
+            x, _ = stack(self.mlp_dim, self.num_heads, self.dtype, self.remat, name="blocks")(x, mask)
+        else:
+            block = _block_cls(self.remat, False)
+            for i in range(self.depth):
+                x = block(self.mlp_dim, self.num_heads, self.dtype, name=f"block{i}")(x, mask)
         return nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
 
 
@@ -107,6 +152,8 @@ class ViT(nn.Module):
     posemb: str = "learn"  # "learn" | "sincos2d"
     pool: str = "gap"  # "cls" | "gap" | "map"
     dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan: bool = False
 
     @nn.compact
     def __call__(self, images):
@@ -125,7 +172,7 @@ class ViT(nn.Module):
         if self.pool == "cls":
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
             x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)).astype(x.dtype), x], axis=1)
-        x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, name="encoder")(x)
+        x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat, self.scan, name="encoder")(x)
         if self.pool == "cls":
             return x[:, 0], x[:, 1:]
         if self.pool == "gap":
@@ -152,6 +199,8 @@ class TextTransformer(nn.Module):
     causal: bool = True
     pool: str = "eos"
     dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan: bool = False
 
     @nn.compact
     def __call__(self, tokens):
@@ -169,7 +218,7 @@ class TextTransformer(nn.Module):
         # A row of padding attends to nothing; let padded queries see themselves
         # so softmax stays finite (their outputs are never pooled).
         mask = jnp.logical_or(mask, jnp.eye(length, dtype=bool)[None, None])
-        x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, name="encoder")(x, mask)
+        x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat, self.scan, name="encoder")(x, mask)
         if self.pool == "eos":
             last = jnp.maximum(valid.sum(axis=1) - 1, 0)
             return x[jnp.arange(b), last], x
@@ -252,9 +301,11 @@ def make_model(model_cfg, vocab_size: int, log_t_init: float, bias_init: float |
     """Builds the two-tower model from ``config.model`` (explicit, no registry)."""
     dtype = jnp.dtype(model_cfg.dtype)
     ic, tc = model_cfg.image, model_cfg.text
-    image = ViT(ic.patch_size, ic.width, ic.depth, ic.mlp_dim, ic.num_heads, ic.posemb, ic.pool, dtype)
+    image = ViT(ic.patch_size, ic.width, ic.depth, ic.mlp_dim, ic.num_heads, ic.posemb, ic.pool, dtype,
+                model_cfg.remat, model_cfg.scan)
     if tc.vocab_size and tc.vocab_size < vocab_size:
         raise ValueError(f"config.model.text.vocab_size={tc.vocab_size} is smaller than the tokenizer's {vocab_size}")
-    text = TextTransformer(tc.vocab_size or vocab_size, tc.max_len, tc.width, tc.depth, tc.mlp_dim, tc.num_heads, tc.causal, tc.pool, dtype)
+    text = TextTransformer(tc.vocab_size or vocab_size, tc.max_len, tc.width, tc.depth, tc.mlp_dim, tc.num_heads,
+                           tc.causal, tc.pool, dtype, model_cfg.remat, model_cfg.scan)
     return TwoTower(image, text, model_cfg.embed_dim, log_t_init, bias_init, ssl_dim,
                     model_cfg.image_projection, model_cfg.text_projection_bias)
