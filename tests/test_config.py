@@ -85,3 +85,10 @@ def test_semantic_checks():
     c.model.image.patch_size = 5
     with pytest.raises(config_lib.ConfigError, match=r"config.model.image.patch_size"):
         config_lib.check_config(c)
+
+
+def test_rule_regexes_are_checked():
+    c = config_lib.base_config()
+    c.train.freeze = ("^image/(",)
+    with pytest.raises(config_lib.ConfigError, match=r"config.train.freeze\[0\]: '\^image/\(' is not a regular expression"):
+        config_lib.check_config(c)

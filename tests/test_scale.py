@@ -87,3 +87,31 @@ def test_bfloat16_compute_stays_close_to_float32(plain):
     assert loss_bf16.dtype == jnp.float32  # the loss is computed in float32 whatever the towers use
     np.testing.assert_allclose(loss_bf16, loss, rtol=2e-2)
     assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))  # parameters stay float32
+
+
+# --------------------------------------------------------------------------- FSDP
+
+
+def test_fsdp_splits_large_parameters_and_moments_and_matches_data_parallel(data_dir, tmp_path):
+    from conftest import load_tiny_config
+    from vlm_jax import metrics, parallel, train
+
+    common = {"train.steps": 20, "evaluate.splits": "()", "train.checkpoint_every": 100, "train.log_every": 1,
+              "mesh.fsdp_min_size": 1024}
+    cfg = load_tiny_config(data_dir, **common, **{"mesh.fsdp": 8})
+    run = train.setup(cfg)
+    assert dict(run.mesh.shape) == {"data": 1, "fsdp": 8}
+    state = jax.jit(run.init_state, out_shardings=run.state_sh)(jax.random.PRNGKey(cfg.seed))
+    large = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(state):
+        if x.size >= 1024:
+            large += 1
+            shard = x.addressable_shards[0].data
+            assert shard.size * 8 == x.size, (parallel.path_str(path), x.shape, shard.shape)
+    assert large > 20  # kernels and both Adam moments of each
+    train.train(cfg, str(tmp_path / "fsdp"))
+    train.train(load_tiny_config(data_dir, **common), str(tmp_path / "dp"))
+    fsdp_loss = [r["train/loss"] for r in metrics.read_metrics(str(tmp_path / "fsdp"))]
+    dp_loss = [r["train/loss"] for r in metrics.read_metrics(str(tmp_path / "dp"))]
+    assert len(fsdp_loss) == 20
+    np.testing.assert_allclose(fsdp_loss, dp_loss, rtol=1e-4)

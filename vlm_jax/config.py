@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import math
 import os
+import re
 from typing import Any, Sequence
 
 import ml_collections
@@ -73,7 +74,10 @@ def base_config() -> ConfigDict:
     c.loss.ssl_dim = 64  # slip: output size of the image-only MLP head
 
     c.mesh = ConfigDict()
-    c.mesh.data = -1  # devices on the data axis; -1 = all
+    c.mesh.data = -1  # devices on the data axis; -1 = all the fsdp axis leaves
+    c.mesh.fsdp = 1  # devices over which large parameters and optimizer moments are split
+    c.mesh.fsdp_min_size = 1 << 14  # arrays smaller than this stay replicated
+    c.mesh.rules = ()  # ((regex over state paths, PartitionSpec as a tuple), ...) applied before the fsdp rule
 
     c.optim = ConfigDict()
     c.optim.lr = 1e-3
@@ -232,6 +236,15 @@ def check_config(config: ConfigDict) -> None:
         _require(t.width % t.num_heads == 0, f"model.{tower}.num_heads", f"{t.num_heads} does not divide width {t.width}")
     _require(config.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {config.model.dtype!r}")
     _require(config.mesh.data == -1 or config.mesh.data > 0, "mesh.data", "must be -1 (all devices) or positive")
+    _require(config.mesh.fsdp > 0, "mesh.fsdp", "must be positive")
+    patterns = [("train.freeze", i, p) for i, p in enumerate(config.train.freeze)]
+    patterns += [("optim.lr_rules", i, r[0]) for i, r in enumerate(config.optim.lr_rules) if isinstance(r, (tuple, list)) and r]
+    patterns += [("model_init.rules", i, r[0]) for i, r in enumerate(config.model_init.rules) if isinstance(r, (tuple, list)) and r]
+    for field, i, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise ConfigError(f"config.{field}[{i}]: {pattern!r} is not a regular expression ({e})") from None
     for i, rule in enumerate(config.optim.lr_rules):
         _require(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[1], (int, float)),
                  f"optim.lr_rules[{i}]", f"must be (regex, multiplier), got {rule!r}")

@@ -103,17 +103,16 @@ def setup(config) -> Setup:
         trainable, _ = rules.split(params, config.train.freeze)  # frozen parameters get no optimizer state
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(trainable), "rng": train_rng}
 
-    abstract_params = jax.eval_shape(
-        lambda r: model.init(r, jnp.zeros((1, config.data.image_size, config.data.image_size, 3)),
-                             jnp.zeros((1, config.model.text.max_len), jnp.int32))["params"],
-        jax.random.PRNGKey(0))
-    try:
-        rules.check_patterns(abstract_params, config.train.freeze, "config.train.freeze")
-        rules.check_patterns(abstract_params, [r for r, _ in config.optim.lr_rules], "config.optim.lr_rules")
+    try:  # model shape errors surface at init, rule typos against the real parameter paths
+        abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
+        rules.check_patterns(abstract["params"], config.train.freeze, "config.train.freeze")
+        rules.check_patterns(abstract["params"], [r for r, _ in config.optim.lr_rules], "config.optim.lr_rules")
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from e
-    abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
-    state_sh = parallel.shardings_from_rules(abstract, mesh)
+    try:
+        state_sh = parallel.shardings_from_rules(abstract, mesh, config.mesh.rules, config.mesh.fsdp_min_size)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from e
     return Setup(mesh, ds, model, tx, schedule, init_state, abstract, state_sh)
 
 
