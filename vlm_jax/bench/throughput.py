@@ -1,0 +1,154 @@
+"""Train-step throughput and MFU for a config, with variants side by side.
+
+For each variant (config overrides such as ``model.remat=full``) it compiles
+the real jitted train step (synthetic batch, so the input pipeline is not
+measured), then reports compile time, step time, examples/s, memory
+(compiled per-device temporaries; the accelerator's peak where reported) and
+MFU = model FLOPs per step / step time / peak FLOP/s. Model FLOPs come from
+XLA's cost analysis of the compiled step and are cross-checked by an analytic
+count; the peak is a large matmul timed on the same devices in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Sequence
+
+
+def analytic_train_flops(config, batch: int) -> float:
+    """3 × forward matmul FLOPs of both towers + the loss's model count.
+
+    Per token and block: 2·(4·w² + 2·w·m) for the projections and MLP, plus
+    2·2·n·w for the attention scores and their weighted sum (n tokens)."""
+    def tower(width, depth, mlp, tokens):
+        per_token = depth * (2 * (4 * width * width + 2 * width * mlp) + 4 * tokens * width)
+        return per_token * tokens
+
+    ic, tc = config.model.image, config.model.text
+    patches = (config.data.image_size // ic.patch_size) ** 2
+    patch_embed = 2 * patches * (ic.patch_size ** 2 * 3) * ic.width
+    forward = (tower(ic.width, ic.depth, ic.mlp_dim, patches) + patch_embed
+               + tower(tc.width, tc.depth, tc.mlp_dim, tc.max_len)
+               + 2 * config.model.embed_dim * (ic.width + tc.width))
+    loss = 6.0 * batch * batch * config.model.embed_dim
+    return 3.0 * forward * batch + loss
+
+
+def matmul_peak_flops(mesh, dtype: str = "float32", size: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of a large matmul run on every device of ``mesh`` at once."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    n = mesh.devices.size
+    axes = tuple(mesh.axis_names)
+    a = jax.device_put(jnp.ones((n * size, size), dtype), NamedSharding(mesh, P(axes)))
+    b = jax.device_put(jnp.ones((size, size), dtype), NamedSharding(mesh, P()))
+    f = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(f(a, b))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a, b))
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n * size ** 3 / min(times)
+
+
+def measure_variant(spec: str, overrides: Sequence[str], batch: int, steps: int) -> dict:
+    import jax
+    import numpy as np
+
+    from vlm_jax import config as config_lib, parallel, train
+
+    cfg = config_lib.load_config(spec, list(overrides) + [f"train.batch_size={batch}"])
+    run = train.setup(cfg)
+    step = train.make_train_step(cfg, run.model, run.tx, run.schedule, run.mesh, run.state_sh)
+    sh = parallel.batch_sharding(run.mesh)
+    s, length = cfg.data.image_size, cfg.model.text.max_len
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, run.ds.tokenizer.vocab_size, (batch, length)).astype(np.int32)
+    tokens[:, -1] = run.ds.tokenizer.eos_id
+    host = {"image": rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8), "text": tokens}
+    if cfg.loss.kind == "unicl":
+        host["label"] = rng.integers(0, 10, batch).astype(np.int32)
+    if cfg.loss.kind == "slip":
+        host["view1"], host["view2"] = host["image"], host["image"][:, :, ::-1].copy()
+    batch_arrays = {k: jax.device_put(v, sh) for k, v in host.items()}
+    state = jax.jit(run.init_state, out_shardings=run.state_sh)(jax.random.PRNGKey(0))
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch_arrays).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    mem = compiled.memory_analysis()
+    state, _ = compiled(state, batch_arrays)  # warm-up
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, out = compiled(state, batch_arrays)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    peaks = [d.memory_stats().get("peak_bytes_in_use", -1) for d in run.mesh.devices.flat
+             if hasattr(d, "memory_stats") and d.memory_stats()]
+    n_dev = run.mesh.devices.size
+    return {
+        "overrides": " ".join(overrides) or "(config as is)",
+        "devices": n_dev,
+        "batch": batch,
+        "compile_s": compile_s,
+        "step_ms": step_s * 1e3,
+        "examples_per_s": batch / step_s,
+        "temp_mib_per_device": mem.temp_size_in_bytes / 2**20 if mem else float("nan"),
+        "peak_mib": max(peaks) / 2**20 if peaks else float("nan"),
+        # XLA's count is of the per-device SPMD program: scale to the whole step.
+        "xla_flops": xla_flops * n_dev,
+        "analytic_flops": analytic_train_flops(cfg, batch),
+        "mesh": run.mesh,
+        "compute_dtype": cfg.model.dtype,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python experiments/train_throughput.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/default.py")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--variants", default=";model.remat=full;model.scan=True;model.dtype=bfloat16",
+                   help="';'-separated variants, each a ','-separated list of config overrides ('' = as is)")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    args, rest = p.parse_known_args(argv)
+    common = [o[len("--config."):] for o in rest if o.startswith("--config.")]
+    rows = []
+    for variant in args.variants.split(";"):
+        extra = [v for v in variant.split(",") if v]
+        row = measure_variant(args.config, common + extra, args.batch, args.steps)
+        row["overrides"] = " ".join(extra) or "(baseline)"
+        rows.append(row)
+    import jax
+
+    peak_dtype = {"bfloat16": "bfloat16"}.get(rows[0]["compute_dtype"], "float32")
+    peaks = {dt: matmul_peak_flops(rows[0]["mesh"], dt, args.matmul_size) for dt in sorted({peak_dtype, "float32", "bfloat16"})}
+    lines = [
+        f"devices: {rows[0]['devices']} × {jax.devices()[0].device_kind}; jax {jax.__version__}; "
+        f"matmul peak {', '.join(f'{k} {v / 1e12:.3f} TFLOP/s' for k, v in peaks.items())}",
+        f"command: python experiments/train_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}",
+        "",
+        "| variant | batch | compile s | step ms | examples/s | temp MiB/dev | peak MiB | XLA TFLOP/step | analytic TFLOP/step | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        peak = peaks["bfloat16" if r["compute_dtype"] == "bfloat16" else "float32"]
+        mfu = r["analytic_flops"] / (r["step_ms"] / 1e3) / peak
+        lines.append(
+            f"| {r['overrides']} | {r['batch']} | {r['compile_s']:.1f} | {r['step_ms']:,.1f} | {r['examples_per_s']:,.1f} | "
+            f"{r['temp_mib_per_device']:,.1f} | {r['peak_mib']:,.1f} | {r['xla_flops'] / 1e12:.4f} | "
+            f"{r['analytic_flops'] / 1e12:.4f} | {100 * mfu:.1f}% |")
+    print("\n".join(lines))
+    return rows
