@@ -137,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     from vlm_jax import train  # the trainer owns state construction and restore
 
     args = train.parse_args(argv, prog="python -m vlm_jax.evaluate")
+    train.initialize_distributed(args)
     config = train.load_config_or_exit(args)
     try:
         run = train.setup(config)

@@ -38,6 +38,13 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="config file, optionally with ':arg' for get_config(arg)")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events")
+    env = os.environ.get
+    parser.add_argument("--coordinator", default=env("VLM_JAX_COORDINATOR", ""),
+                        help="multi-host: host:port of process 0 (env VLM_JAX_COORDINATOR)")
+    parser.add_argument("--num_processes", type=int, default=int(env("VLM_JAX_NUM_PROCESSES", "1")),
+                        help="multi-host: number of processes (env VLM_JAX_NUM_PROCESSES)")
+    parser.add_argument("--process_id", type=int, default=int(env("VLM_JAX_PROCESS_ID", "0")),
+                        help="multi-host: this process's index (env VLM_JAX_PROCESS_ID)")
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
@@ -46,6 +53,16 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
         overrides.append(item[len("--config."):])
     args.overrides = overrides
     return args
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+    """Joins JAX's distributed runtime when a coordinator is given. Must run
+    before anything touches the devices; on CPU the collectives go over gloo."""
+    if not args.coordinator:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
 
 
 def load_config_or_exit(args: argparse.Namespace) -> config_lib.ConfigDict:
@@ -383,6 +400,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parse_args(argv, prog="python -m vlm_jax.train")
+    initialize_distributed(args)
     config = load_config_or_exit(args)
     try:
         last = train(config, args.workdir)

@@ -3,9 +3,10 @@
 The train stream is a pure function of (seed, position): grain shuffles by
 index with a per-epoch seed, so the iterator's whole state is a small JSON dict
 that the checkpoint stores, and a resumed run sees exactly the batches the
-uninterrupted run would have seen. Each process reads only its own slice of the
-records and yields ``global_batch / process_count`` examples per step; the train
-loop assembles the global array with ``jax.make_array_from_process_local_data``.
+uninterrupted run would have seen. Each process decodes only its own slice of every
+global batch (``global_batch / process_count`` examples), and the global order
+does not depend on the number of processes; the train loop assembles the global
+array with ``jax.make_array_from_process_local_data``.
 
 Images stay uint8 until they reach the device (a quarter of the bytes to copy);
 ``normalize_images`` runs inside the jitted step.
@@ -148,19 +149,22 @@ def train_dataset(ds: Dataset, data_cfg, text_len: int, global_batch: int, seed:
     if global_batch % process_count:
         raise ValueError(f"config.train.batch_size={global_batch} is not divisible by {process_count} processes")
     source = _split(ds, data_cfg.train_split, "config.data.train_split")
-    local = grain.MapDataset.source(source)[process_index::process_count]
-    if len(local) < global_batch // process_count:
-        raise ValueError(
-            f"config.train.batch_size={global_batch}: the train split has only {len(local)} examples per process"
-        )
+    if len(source) < global_batch:
+        raise ValueError(f"config.train.batch_size={global_batch}: the train split has only {len(source)} examples")
     if with_label and not ds.class_names:
         raise ValueError(f"config.data.label_key={data_cfg.label_key!r} names no class-label feature of the dataset")
-    stream = local.shuffle(seed=seed).repeat(None).map(_Preprocess(data_cfg, ds.tokenizer, text_len, with_label))
+    local_batch = global_batch // process_count
+    # One global order for every process count: global batch g is rows
+    # [g·B, (g+1)·B) of the shuffled stream and process p takes the p-th
+    # slice of it. Random access means only those rows are ever decoded here.
+    stream = (
+        grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+        .map(_Preprocess(data_cfg, ds.tokenizer, text_len, with_label))
+    )
     if two_views:
         stream = stream.random_map(_TwoViews(), seed=seed + 1)
     return (
-        stream
-        .batch(global_batch // process_count, drop_remainder=True)
+        stream.batch(local_batch, drop_remainder=True)[process_index::process_count]
         .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
     )
 
