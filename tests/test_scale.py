@@ -115,3 +115,24 @@ def test_fsdp_splits_large_parameters_and_moments_and_matches_data_parallel(data
     dp_loss = [r["train/loss"] for r in metrics.read_metrics(str(tmp_path / "dp"))]
     assert len(fsdp_loss) == 20
     np.testing.assert_allclose(fsdp_loss, dp_loss, rtol=1e-4)
+
+
+def test_bfloat16_parameter_storage_and_float32_moments(data_dir, tmp_path):
+    from conftest import load_tiny_config
+    from vlm_jax import metrics, train
+
+    common = {"train.steps": 4, "evaluate.splits": "()", "train.log_every": 1}
+    cfg = load_tiny_config(data_dir, **common, **{"model.param_dtype": "bfloat16", "model.dtype": "bfloat16",
+                                                  "optim.mu_dtype": "float32"})
+    run = train.setup(cfg)
+    params = run.abstract["params"]
+    assert params["image"]["encoder"]["block0"]["mlp"]["fc1"]["kernel"].dtype == jnp.bfloat16
+    assert params["log_t"].dtype == jnp.float32
+    mu = [x for p, x in jax.tree_util.tree_leaves_with_path(run.abstract["opt_state"]) if "mu" in str(p)]
+    assert mu and all(x.dtype == jnp.float32 for x in mu)
+    train.train(cfg, str(tmp_path / "bf16"))
+    train.train(load_tiny_config(data_dir, **common), str(tmp_path / "f32"))
+    bf16 = [r["train/loss"] for r in metrics.read_metrics(str(tmp_path / "bf16"))]
+    f32 = [r["train/loss"] for r in metrics.read_metrics(str(tmp_path / "f32"))]
+    np.testing.assert_allclose(bf16[0], f32[0], rtol=2e-2)
+    assert bf16[-1] < bf16[0]

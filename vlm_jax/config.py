@@ -53,6 +53,7 @@ def base_config() -> ConfigDict:
     c.model.image_projection = True  # False: pooled image features are the embedding (SigLIP)
     c.model.text_projection_bias = False
     c.model.dtype = "float32"  # compute dtype of the towers ("bfloat16": bf16 matmuls); losses stay float32
+    c.model.param_dtype = "float32"  # storage dtype of the parameters ("bfloat16" halves them); log_t, b stay float32
     c.model.remat = "none"  # "none" | "full" | "dots" | "dots_with_batch": recompute block activations
     c.model.scan = False  # nn.scan over the blocks of each tower
     c.model.image = ConfigDict(
@@ -88,6 +89,7 @@ def base_config() -> ConfigDict:
     c.optim.b2 = 0.98
     c.optim.eps = 1e-6
     c.optim.grad_clip = 1.0
+    c.optim.mu_dtype = ""  # dtype of Adam's first moment; "" = the parameters' dtype
     c.optim.lr_rules = ()  # ((regex over parameter paths, learning-rate multiplier), ...); first match wins
 
     c.train = ConfigDict()
@@ -235,6 +237,10 @@ def check_config(config: ConfigDict) -> None:
         t = config.model[tower]
         _require(t.width % t.num_heads == 0, f"model.{tower}.num_heads", f"{t.num_heads} does not divide width {t.width}")
     _require(config.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {config.model.dtype!r}")
+    _require(config.model.param_dtype in ("float32", "bfloat16"), "model.param_dtype",
+             f"must be 'float32' or 'bfloat16', got {config.model.param_dtype!r}")
+    _require(config.optim.mu_dtype in ("", "float32", "bfloat16"), "optim.mu_dtype",
+             f"must be '', 'float32' or 'bfloat16', got {config.optim.mu_dtype!r}")
     _require(config.mesh.data == -1 or config.mesh.data > 0, "mesh.data", "must be -1 (all devices) or positive")
     _require(config.mesh.fsdp > 0, "mesh.fsdp", "must be positive")
     patterns = [("train.freeze", i, p) for i, p in enumerate(config.train.freeze)]

@@ -29,7 +29,7 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
     schedule = learning_rate_schedule(optim_cfg, total_steps)
 
     def adamw(lr):
-        return optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+        return optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, mu_dtype=optim_cfg.mu_dtype or None,
                            weight_decay=optim_cfg.weight_decay, mask=decay_mask)
 
     if not optim_cfg.lr_rules:

@@ -75,6 +75,14 @@ def load_config_or_exit(args: argparse.Namespace) -> config_lib.ConfigDict:
 # --------------------------------------------------------------------------- 2-4. mesh, data, model, state
 
 
+def cast_params(params, dtype: str):
+    """Stores the tower weights in ``dtype``; the scalars log_t and b stay
+    float32 (flax layers compute in config.model.dtype whatever the storage)."""
+    if dtype == "float32":
+        return params
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if x.ndim else x, params)
+
+
 @dataclasses.dataclass
 class Setup:
     mesh: Mesh
@@ -116,7 +124,7 @@ def setup(config) -> Setup:
         s = config.data.image_size
         images = jnp.zeros((1, s, s, 3), jnp.float32)
         tokens = jnp.zeros((1, config.model.text.max_len), jnp.int32)
-        params = model.init(init_rng, images, tokens)["params"]
+        params = cast_params(model.init(init_rng, images, tokens)["params"], config.model.param_dtype)
         trainable, _ = rules.split(params, config.train.freeze)  # frozen parameters get no optimizer state
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(trainable), "rng": train_rng}
 
