@@ -148,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         mfu = r["analytic_flops"] / (r["step_ms"] / 1e3) / peak
         lines.append(
             f"| {r['overrides']} | {r['batch']} | {r['compile_s']:.1f} | {r['step_ms']:,.1f} | {r['examples_per_s']:,.1f} | "
-            f"{r['temp_mib_per_device']:,.1f} | {r['peak_mib']:,.1f} | {r['xla_flops'] / 1e12:.4f} | "
+            f"{r['temp_mib_per_device']:,.1f} | {'—' if r['peak_mib'] != r['peak_mib'] else format(r['peak_mib'], ',.1f')} | "
+            f"{r['xla_flops'] / 1e12:.4f} | "
             f"{r['analytic_flops'] / 1e12:.4f} | {100 * mfu:.1f}% |")
     print("\n".join(lines))
     return rows
