@@ -10,6 +10,7 @@ import os
 import re
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 from flax import traverse_util
 
@@ -64,8 +65,6 @@ def lr_labels(params: Params, lr_rules: Sequence[tuple[str, float]]) -> Params:
                 return f"rule{i}"
         return "base"
 
-    import jax
-
     return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -90,7 +89,6 @@ def load_params(workdir: str, step: int | None = None) -> tuple[dict[str, np.nda
 
 
 def _numpy_restore_args(meta):
-    import jax
     import orbax.checkpoint as ocp
 
     tree = meta.tree if hasattr(meta, "tree") else meta

@@ -166,7 +166,7 @@ def _ring_fwd(log_t, a, la, ia, c, lc, ic, obj, axes, n, tile):
 def _block_grads(obj, log_t_v, a, la, ia, c, lc, ic, row_lse, row_cnt, col_lse, col_cnt, scale, tile, axes):
     """(d log_t, d a, d c) of one block: G_row = scale·(softmax_row − P/|P(a)|),
     G_col likewise over columns, pulled back through ``sim`` with jax.vjp."""
-    ra, rc = _rows(a), _rows(c)
+    ra = _rows(a)
     zeros_like = lambda tree: jax.tree_util.tree_map(  # noqa: E731
         lambda x: _varying(jnp.zeros(x.shape, jnp.float32), axes), tree)
 
