@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from vlm_jax import rules
+
 
 def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     warmup = min(optim_cfg.warmup_steps, total_steps)
@@ -35,8 +37,6 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
     if not optim_cfg.lr_rules:
         inner = adamw(schedule)
     else:
-        from vlm_jax import rules
-
         transforms = {"base": adamw(schedule)}
         for i, (_, mult) in enumerate(optim_cfg.lr_rules):
             transforms[f"rule{i}"] = adamw(lambda step, m=float(mult): m * schedule(step))
