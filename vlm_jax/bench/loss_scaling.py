@@ -266,6 +266,19 @@ def markdown_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finish(fig, axes, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(rows: Sequence[Row], out_dir: str) -> list[str]:
     """Log–log memory and time against B per impl, and memory against N at fixed b."""
     import matplotlib
@@ -290,15 +303,7 @@ def plot(rows: Sequence[Row], out_dir: str) -> list[str]:
                     ax_t.loglog([r.batch for r in timed], [r.step_ms_median for r in timed], "o-", label=label)
         ax_m.set(xlabel="global batch B", ylabel="temporary memory per device (MiB)", title=f"{kind}: memory")
         ax_t.set(xlabel="global batch B", ylabel="value_and_grad time (ms)", title=f"{kind}: time")
-        for ax in (ax_m, ax_t):
-            ax.grid(True, which="both", alpha=0.3)
-            if ax.has_data():
-                ax.legend(fontsize=7)
-        path = os.path.join(out_dir, f"{kind}_vs_batch.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish(fig, (ax_m, ax_t), os.path.join(out_dir, f"{kind}_vs_batch.png")))
 
         fig, ax = plt.subplots(figsize=(5.5, 4.2))
         for impl in IMPLS:
@@ -311,14 +316,7 @@ def plot(rows: Sequence[Row], out_dir: str) -> list[str]:
                 if len(sel) >= 2:
                     ax.plot([r.devices for r in sel], [r.temp_bytes / (1 << 20) for r in sel], "o-", label=f"{impl} b={b}")
         ax.set(xlabel="devices N", ylabel="temporary memory per device (MiB)", title=f"{kind}: fixed per-device b")
-        ax.grid(True, alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=7)
-        path = os.path.join(out_dir, f"{kind}_vs_devices.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish(fig, (ax,), os.path.join(out_dir, f"{kind}_vs_devices.png")))
     return written
 
 
