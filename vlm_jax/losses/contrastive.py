@@ -37,6 +37,19 @@ def _axis_tuple(axis: Axis) -> tuple[str, ...]:
     return (axis,) if isinstance(axis, str) else tuple(axis)
 
 
+DEFAULT_MAX_TILE = 512
+
+
+def axis_devices(mesh: Mesh, axis: Axis) -> int:
+    """Number of devices along ``axis`` (a name or a tuple of names)."""
+    return int(np.prod([mesh.shape[a] for a in _axis_tuple(axis)]))
+
+
+def auto_tile(rows: int) -> int:
+    """The largest divisor of ``rows`` up to DEFAULT_MAX_TILE."""
+    return max(t for t in range(1, min(rows, DEFAULT_MAX_TILE) + 1) if rows % t == 0)
+
+
 def _check_inputs(zimg: jax.Array, ztxt: jax.Array, mesh: Mesh | None, axis: Axis) -> None:
     if zimg.ndim != 2 or zimg.shape != ztxt.shape:
         raise ValueError(f"zimg and ztxt must both have shape (B, d); got {zimg.shape} and {ztxt.shape}")
@@ -45,16 +58,11 @@ def _check_inputs(zimg: jax.Array, ztxt: jax.Array, mesh: Mesh | None, axis: Axi
         missing = [a for a in axes if a not in mesh.shape]
         if missing:
             raise ValueError(f"loss axis {missing} not in mesh axes {tuple(mesh.shape)}")
-        n = 1
-        for a in axes:
-            n *= mesh.shape[a]
+        n = axis_devices(mesh, axes)
         if zimg.shape[0] % n:
             raise ValueError(
                 f"global batch B={zimg.shape[0]} is not divisible by the {n} devices of mesh axis {axis!r}"
             )
-
-
-DEFAULT_MAX_TILE = 512
 
 
 def _mesh_for(impl: str, mesh: Mesh | None, axis: Axis) -> tuple[Mesh | None, Axis]:
@@ -70,13 +78,8 @@ def _tile_kw(impl: str, zimg: jax.Array, mesh: Mesh, axis: Axis, tile: int | Non
         if tile is not None:
             raise ValueError(f"tile={tile} applies to impl='tiled' only, not {impl!r}")
         return {}
-    n = 1
-    for a in _axis_tuple(axis):
-        n *= mesh.shape[a]
-    b = zimg.shape[0] // n
-    if tile is None:  # the largest divisor of b up to DEFAULT_MAX_TILE
-        tile = max(t for t in range(1, min(b, DEFAULT_MAX_TILE) + 1) if b % t == 0)
-    return {"tile": blockwise.check_tile(b, tile)}
+    b = zimg.shape[0] // axis_devices(mesh, axis)
+    return {"tile": blockwise.check_tile(b, auto_tile(b) if tile is None else tile)}
 
 
 def _sharded(local_fn: Callable, mesh: Mesh, axis: Axis, n_sharded: int, n_replicated: int) -> Callable:

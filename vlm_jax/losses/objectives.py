@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from vlm_jax.losses import blockwise, infonce
-from vlm_jax.losses.contrastive import DEFAULT_MAX_TILE, Axis, _axis_tuple, dot_sim, global_index
+from vlm_jax.losses.contrastive import Axis, _axis_tuple, auto_tile, axis_devices, dot_sim, global_index
 
 IMPLS = ("all_gather", "ring", "tiled")
 
@@ -31,7 +31,7 @@ def _prepare(name: str, impl: str, mesh: Mesh | None, axis: Axis, batch: int, ti
     missing = [a for a in axes if a not in mesh.shape]
     if missing:
         raise ValueError(f"{name}: axis {missing} not in mesh axes {tuple(mesh.shape)}")
-    n = int(np.prod([mesh.shape[a] for a in axes]))
+    n = axis_devices(mesh, axes)
     if batch % n:
         raise ValueError(f"{name}: global batch B={batch} is not divisible by the {n} devices of mesh axis {axis!r}")
     rows = batch // n * rows_per_item
@@ -40,7 +40,7 @@ def _prepare(name: str, impl: str, mesh: Mesh | None, axis: Axis, batch: int, ti
             raise ValueError(f"{name}: tile={tile} applies to impl='tiled' only, not {impl!r}")
         tile = rows
     elif tile is None:
-        tile = max(t for t in range(1, min(rows, DEFAULT_MAX_TILE) + 1) if rows % t == 0)
+        tile = auto_tile(rows)
     return mesh, axes, n, blockwise.check_tile(rows, tile)
 
 
