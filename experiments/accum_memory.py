@@ -12,7 +12,7 @@ import sys
 
 import jax
 
-from vlm_jax import config as config_lib, parallel, train
+from vlm_jax import config as config_lib, parallel, session, step as step_lib
 
 
 def main(argv):
@@ -25,15 +25,15 @@ def main(argv):
     rows = []
     for k in [int(x) for x in args.accum.split(",")]:
         cfg = config_lib.load_config(args.config, overrides + [f"train.batch_size={args.batch}", f"train.accum_steps={k}"])
-        run = train.setup(cfg)
-        step = train.make_train_step(cfg, run.model, run.tx, run.schedule, run.mesh, run.state_sh)
+        run = session.setup(cfg)
+        step = step_lib.make_train_step(cfg, run.objective, run.tx, run.schedule, run.mesh, run.state_sh)
         s = cfg.data.image_size
         sh = parallel.batch_sharding(run.mesh)
         batch = {
             "image": jax.ShapeDtypeStruct((args.batch, s, s, 3), "uint8", sharding=sh),
             "text": jax.ShapeDtypeStruct((args.batch, cfg.model.text.max_len), "int32", sharding=sh),
         }
-        mem = step.lower(train.with_shardings(run.abstract, run.state_sh), batch).compile().memory_analysis()
+        mem = step.lower(session.with_shardings(run.abstract, run.state_sh), batch).compile().memory_analysis()
         rows.append((k, mem.temp_size_in_bytes, mem.argument_size_in_bytes))
         print(f"accum_steps={k}: temp {mem.temp_size_in_bytes / 2**20:,.1f} MiB per device, "
               f"arguments {mem.argument_size_in_bytes / 2**20:,.1f} MiB", flush=True)

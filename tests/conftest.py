@@ -49,8 +49,10 @@ def tiny_overrides(data_dir: str, **extra) -> list[str]:
         "train.checkpoint_every": 4,
         "train.progress": False,
         "optim.warmup_steps": 4,
-        "evaluate.max_examples": 64,
-        "evaluate.batch_size": 32,
+        "evals.zeroshot.max_examples": 64,
+        "evals.zeroshot.batch_size": 32,
+        "evals.retrieval.max_examples": 64,
+        "evals.retrieval.batch_size": 32,
     }
     values.update(extra)
     return [f"--config.{k}={v}" for k, v in values.items()]

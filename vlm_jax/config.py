@@ -17,14 +17,25 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from vlm_jax import evaluators, losses, objectives
+from vlm_jax.errors import ConfigError, require
+
 ConfigDict = ml_collections.ConfigDict
+eval_entry = evaluators.entry  # config files: config.evals.<name> = eval_entry("zeroshot", splits=(...), ...)
+
+__all__ = ["ConfigDict", "ConfigError", "base_config", "eval_entry", "load_config", "apply_overrides",
+           "check_config", "check_against_mesh"]
 
 
-LOSS_KINDS = ("softmax", "sigmoid", "unicl", "slip", "filip")
-
-
-class ConfigError(ValueError):
-    """A mistake in the config, named by its field."""
+def _objective_fields() -> dict[str, Any]:
+    """The config.loss fields the objectives add, with their defaults."""
+    fields: dict[str, Any] = {}
+    for kind, cls in objectives.OBJECTIVES.items():
+        for key, value in cls.CONFIG.items():
+            if key in fields and fields[key] != value:
+                raise ValueError(f"objective {kind!r} redefines config.loss.{key} with another default")
+            fields[key] = value
+    return fields
 
 
 def base_config() -> ConfigDict:
@@ -39,8 +50,7 @@ def base_config() -> ConfigDict:
     c.data.train_split = "train"
     c.data.image_key = "image"
     c.data.text_key = "caption"
-    c.data.label_key = "label"  # ClassLabel feature for zero-shot ("" for none)
-    c.data.zeroshot_filter_key = "single_class"  # bool feature selecting zero-shot examples ("" for all)
+    c.data.label_key = "label"  # ClassLabel feature (UniCL's labels; zero-shot's by default; "" for none)
     c.data.image_size = 32
     c.data.tokenizer = "sentencepiece"  # "sentencepiece" | "bytes"
     c.data.tokenizer_path = ""  # "" with the embedded dataset: the model fitted beside it
@@ -65,14 +75,11 @@ def base_config() -> ConfigDict:
     )
 
     c.loss = ConfigDict()
-    c.loss.kind = "softmax"  # "softmax" (CLIP) | "sigmoid" (SigLIP) | "unicl" | "slip" | "filip"
+    c.loss.kind = "softmax"  # a key of vlm_jax.objectives.OBJECTIVES: softmax (CLIP), sigmoid (SigLIP), unicl, slip, filip
     c.loss.impl = "all_gather"  # "all_gather" | "ring" | "tiled" (see docs/losses.md)
     c.loss.tile = 0  # impl="tiled": rows and columns per tile, dividing the per-device batch; 0 = automatic
     c.loss.log_t_init = math.log(1 / 0.07)
-    c.loss.bias_init = -10.0  # used by the sigmoid loss only
-    c.loss.ssl_weight = 1.0  # slip: L = L_CLIP + ssl_weight · L_image-InfoNCE
-    c.loss.ssl_log_t = math.log(10.0)  # slip: fixed τ = 0.1 of the image–image term
-    c.loss.ssl_dim = 64  # slip: output size of the image-only MLP head
+    c.loss.update(_objective_fields())  # each objective's own fields (sigmoid: bias_init; slip: ssl_*)
 
     c.mesh = ConfigDict()
     c.mesh.data = -1  # devices on the data axis; -1 = all the fsdp axis leaves
@@ -99,7 +106,7 @@ def base_config() -> ConfigDict:
     c.train.log_every = 50
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 2
-    c.train.eval_every = 250
+    c.train.eval_every = 250  # default frequency of config.evals entries with every=0; 0 = those never run
     c.train.progress = True
     c.train.freeze = ()  # regexes of parameter paths to freeze: no gradient, no optimizer state, no decay
 
@@ -109,12 +116,18 @@ def base_config() -> ConfigDict:
     c.model_init.step = -1  # -1 = its latest checkpoint
     c.model_init.rules = ()  # ((regex over this model's paths, replacement giving the source path), ...)
 
-    c.evaluate = ConfigDict()
-    c.evaluate.splits = ("test_seen", "test_unseen")
-    c.evaluate.templates = ("a {}", "a small {}", "a large {}")
-    c.evaluate.max_examples = 1000
-    c.evaluate.batch_size = 256
+    # Evaluations: named entries (vlm_jax.evaluators); a config file may add
+    # more with config.evals.<name> = eval_entry(kind, ...). Metric keys are
+    # <kind>/<split>/<metric>, prefixed by the entry's name when two entries
+    # of one kind evaluate the same split.
+    c.evals = ConfigDict()
+    c.evals.zeroshot = eval_entry("zeroshot", splits=("test_seen", "test_unseen"),
+                                  templates=("a {}", "a small {}", "a large {}"), filter_key="single_class")
+    c.evals.retrieval = eval_entry("retrieval", splits=("test_seen", "test_unseen"))
     c.lock()
+    c.evals.unlock()  # entries may be added; each entry stays locked (a misspelt field is an error)
+    for e in c.evals.values():
+        e.lock()
     return c
 
 
@@ -201,48 +214,42 @@ def _check_schema(config: ConfigDict, schema: ConfigDict, prefix: str) -> None:
     for key in config.keys():
         if key not in schema:
             raise _unknown(f"{prefix}.{key}", key, schema.keys())
+        if prefix == "config" and key == "evals":  # entries are checked against their kind's fields
+            continue
         if isinstance(schema[key], ConfigDict):
             if not isinstance(config[key], ConfigDict):
                 raise ConfigError(f"{prefix}.{key} must be a section")
             _check_schema(config[key], schema[key], f"{prefix}.{key}")
 
 
-def _require(cond: bool, field: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(f"config.{field}: {message}")
-
-
 def check_config(config: ConfigDict) -> None:
     """Device-independent checks; ``check_against_mesh`` does the rest."""
-    from vlm_jax import losses  # local: keep config importable without jax
-
     _check_schema(config, base_config(), "config")
-    _require(config.loss.kind in LOSS_KINDS, "loss.kind", f"must be one of {LOSS_KINDS}, got {config.loss.kind!r}")
-    impls = {"softmax": losses.SOFTMAX_IMPLS, "sigmoid": losses.SIGMOID_IMPLS}.get(config.loss.kind, losses.OBJECTIVE_IMPLS)
-    _require(config.loss.impl in impls, "loss.impl", f"must be one of {impls} for loss.kind={config.loss.kind!r}, got {config.loss.impl!r}")
-    _require(config.loss.tile == 0 or config.loss.impl == "tiled", "loss.tile", "applies to loss.impl='tiled' only")
-    _require(config.loss.tile >= 0, "loss.tile", "must be 0 (automatic) or positive")
-    _require(config.loss.kind != "unicl" or bool(config.data.label_key), "data.label_key",
-             "loss.kind='unicl' needs a class-label feature")
-    _require(config.loss.kind != "slip" or config.loss.ssl_dim > 0, "loss.ssl_dim", "must be positive for loss.kind='slip'")
-    _require(config.train.steps > 0, "train.steps", "must be positive")
-    _require(config.train.accum_steps > 0, "train.accum_steps", "must be positive")
-    _require(config.train.batch_size > 0, "train.batch_size", "must be positive")
-    for f in ("log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
-        _require(config.train[f] > 0, f"train.{f}", "must be positive")
-    _require(config.data.tokenizer in ("sentencepiece", "bytes"), "data.tokenizer", f"must be 'sentencepiece' or 'bytes', got {config.data.tokenizer!r}")
-    _require(config.data.image_size % config.model.image.patch_size == 0, "model.image.patch_size",
+    kinds = tuple(objectives.OBJECTIVES)
+    require(config.loss.kind in kinds, "loss.kind", f"must be one of {kinds}, got {config.loss.kind!r}")
+    require(config.loss.impl in losses.IMPLS, "loss.impl", f"must be one of {losses.IMPLS}, got {config.loss.impl!r}")
+    require(config.loss.tile == 0 or config.loss.impl == "tiled", "loss.tile", "applies to loss.impl='tiled' only")
+    require(config.loss.tile >= 0, "loss.tile", "must be 0 (automatic) or positive")
+    objectives.OBJECTIVES[config.loss.kind].check(config)
+    require(config.train.steps > 0, "train.steps", "must be positive")
+    require(config.train.accum_steps > 0, "train.accum_steps", "must be positive")
+    require(config.train.batch_size > 0, "train.batch_size", "must be positive")
+    for f in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        require(config.train[f] > 0, f"train.{f}", "must be positive")
+    require(config.train.eval_every >= 0, "train.eval_every", "must be 0 (no evaluation) or positive")
+    require(config.data.tokenizer in ("sentencepiece", "bytes"), "data.tokenizer", f"must be 'sentencepiece' or 'bytes', got {config.data.tokenizer!r}")
+    require(config.data.image_size % config.model.image.patch_size == 0, "model.image.patch_size",
              f"{config.model.image.patch_size} does not divide data.image_size={config.data.image_size}")
     for tower in ("image", "text"):
         t = config.model[tower]
-        _require(t.width % t.num_heads == 0, f"model.{tower}.num_heads", f"{t.num_heads} does not divide width {t.width}")
-    _require(config.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {config.model.dtype!r}")
-    _require(config.model.param_dtype in ("float32", "bfloat16"), "model.param_dtype",
+        require(t.width % t.num_heads == 0, f"model.{tower}.num_heads", f"{t.num_heads} does not divide width {t.width}")
+    require(config.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {config.model.dtype!r}")
+    require(config.model.param_dtype in ("float32", "bfloat16"), "model.param_dtype",
              f"must be 'float32' or 'bfloat16', got {config.model.param_dtype!r}")
-    _require(config.optim.mu_dtype in ("", "float32", "bfloat16"), "optim.mu_dtype",
+    require(config.optim.mu_dtype in ("", "float32", "bfloat16"), "optim.mu_dtype",
              f"must be '', 'float32' or 'bfloat16', got {config.optim.mu_dtype!r}")
-    _require(config.mesh.data == -1 or config.mesh.data > 0, "mesh.data", "must be -1 (all devices) or positive")
-    _require(config.mesh.fsdp > 0, "mesh.fsdp", "must be positive")
+    require(config.mesh.data == -1 or config.mesh.data > 0, "mesh.data", "must be -1 (all devices) or positive")
+    require(config.mesh.fsdp > 0, "mesh.fsdp", "must be positive")
     patterns = [("train.freeze", i, p) for i, p in enumerate(config.train.freeze)]
     patterns += [("optim.lr_rules", i, r[0]) for i, r in enumerate(config.optim.lr_rules) if isinstance(r, (tuple, list)) and r]
     patterns += [("model_init.rules", i, r[0]) for i, r in enumerate(config.model_init.rules) if isinstance(r, (tuple, list)) and r]
@@ -252,25 +259,24 @@ def check_config(config: ConfigDict) -> None:
         except (re.error, TypeError) as e:
             raise ConfigError(f"config.{field}[{i}]: {pattern!r} is not a regular expression ({e})") from None
     for i, rule in enumerate(config.optim.lr_rules):
-        _require(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[1], (int, float)),
+        require(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[1], (int, float)),
                  f"optim.lr_rules[{i}]", f"must be (regex, multiplier), got {rule!r}")
     for i, rule in enumerate(config.model_init.rules):
-        _require(isinstance(rule, (tuple, list)) and len(rule) == 2, f"model_init.rules[{i}]",
+        require(isinstance(rule, (tuple, list)) and len(rule) == 2, f"model_init.rules[{i}]",
                  f"must be (regex, replacement), got {rule!r}")
-    _require(not config.model_init.workdir or bool(config.model_init.rules), "model_init.rules",
+    require(not config.model_init.workdir or bool(config.model_init.rules), "model_init.rules",
              "name which parameters to load from model_init.workdir")
-    for i, tmpl in enumerate(config.evaluate.templates):
-        _require("{}" in tmpl, f"evaluate.templates[{i}]", f"{tmpl!r} has no '{{}}' for the class name")
+    evaluators.check(config)
 
 
 def check_against_mesh(config: ConfigDict, num_data_devices: int) -> None:
-    _require(
+    require(
         config.train.batch_size % num_data_devices == 0,
         "train.batch_size",
         f"{config.train.batch_size} is not divisible by the {num_data_devices} data-parallel devices",
     )
     k = config.train.accum_steps
-    _require(
+    require(
         config.train.batch_size % (num_data_devices * k) == 0,
         "train.accum_steps",
         f"{k} micro-batches of train.batch_size={config.train.batch_size} do not split evenly over "

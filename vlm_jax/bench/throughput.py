@@ -57,28 +57,63 @@ def matmul_peak_flops(mesh, dtype: str = "float32", size: int = 2048, reps: int 
     return 2.0 * n * size ** 3 / min(times)
 
 
-def measure_variant(spec: str, overrides: Sequence[str], batch: int, steps: int) -> dict:
-    import jax
+def synthetic_batch(config, run, batch: int, seed: int = 0) -> dict:
+    """A host batch with every field the objective asks for: random pixels and
+    tokens (EOS last), random labels, and the objective's own augmentation."""
     import numpy as np
 
-    from vlm_jax import config as config_lib, parallel, train
-
-    cfg = config_lib.load_config(spec, list(overrides) + [f"train.batch_size={batch}"])
-    run = train.setup(cfg)
-    step = train.make_train_step(cfg, run.model, run.tx, run.schedule, run.mesh, run.state_sh)
-    sh = parallel.batch_sharding(run.mesh)
-    s, length = cfg.data.image_size, cfg.model.text.max_len
-    rng = np.random.default_rng(0)
+    size, length = config.data.image_size, config.model.text.max_len
+    rng = np.random.default_rng(seed)
     tokens = rng.integers(3, run.ds.tokenizer.vocab_size, (batch, length)).astype(np.int32)
     tokens[:, -1] = run.ds.tokenizer.eos_id
-    host = {"image": rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8), "text": tokens}
-    if cfg.loss.kind == "unicl":
-        host["label"] = rng.integers(0, 10, batch).astype(np.int32)
-    if cfg.loss.kind == "slip":
-        host["view1"], host["view2"] = host["image"], host["image"][:, :, ::-1].copy()
-    batch_arrays = {k: jax.device_put(v, sh) for k, v in host.items()}
-    state = jax.jit(run.init_state, out_shardings=run.state_sh)(jax.random.PRNGKey(0))
+    host = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8), "text": tokens}
+    for field in run.objective.example_fields:
+        host[field] = rng.integers(0, 10, batch).astype(np.int32)
+    if run.objective.augment is not None:
+        rows = [run.objective.augment({k: v[i] for k, v in host.items()}, rng) for i in range(batch)]
+        host = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    return host
 
+
+def _prepare(spec: str, overrides: Sequence[str], batch: int):
+    """(config, session, jitted step, state, device batch) for one variant."""
+    import jax
+
+    from vlm_jax import config as config_lib, parallel, session, step as step_lib
+
+    cfg = config_lib.load_config(spec, list(overrides) + [f"train.batch_size={batch}"])
+    run = session.setup(cfg)
+    step = step_lib.make_train_step(cfg, run.objective, run.tx, run.schedule, run.mesh, run.state_sh)
+    sh = parallel.batch_sharding(run.mesh)
+    batch_arrays = {k: jax.device_put(v, sh) for k, v in synthetic_batch(cfg, run, batch).items()}
+    state = jax.jit(run.init_state, out_shardings=run.state_sh)(jax.random.PRNGKey(0))
+    return cfg, run, step, state, batch_arrays
+
+
+def measure_loop(spec: str, overrides: Sequence[str], batch: int, steps: int, host_read: bool) -> dict:
+    """Examples/s of the train loop's device work over ``steps`` steps, with
+    (``host_read``: ``float(loss)`` after every step, as the loop once did) or
+    without a per-step read back to the host (the loop now reads at log steps)."""
+    import jax
+
+    _, run, step, state, batch_arrays = _prepare(spec, overrides, batch)
+    state, out = step(state, batch_arrays)  # compile and warm up
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, out = step(state, batch_arrays)
+        if host_read:
+            float(out["train/loss"])
+    jax.block_until_ready((state, out))
+    elapsed = time.perf_counter() - t0
+    return {"host_read": host_read, "batch": batch, "steps": steps, "examples_per_s": steps * batch / elapsed,
+            "devices": run.mesh.devices.size}
+
+
+def measure_variant(spec: str, overrides: Sequence[str], batch: int, steps: int) -> dict:
+    import jax
+
+    cfg, run, step, state, batch_arrays = _prepare(spec, overrides, batch)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch_arrays).compile()
     compile_s = time.perf_counter() - t0
@@ -123,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--variants", default=";model.remat=full;model.scan=True;model.dtype=bfloat16",
                    help="';'-separated variants, each a ','-separated list of config overrides ('' = as is)")
     p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--loop-steps", type=int, default=0,
+                   help="also time N loop steps of the first variant with and without a per-step host read")
     args, rest = p.parse_known_args(argv)
     common = [o[len("--config."):] for o in rest if o.startswith("--config.")]
     rows = []
@@ -151,5 +188,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             f"{r['temp_mib_per_device']:,.1f} | {'—' if r['peak_mib'] != r['peak_mib'] else format(r['peak_mib'], ',.1f')} | "
             f"{r['xla_flops'] / 1e12:.4f} | "
             f"{r['analytic_flops'] / 1e12:.4f} | {100 * mfu:.1f}% |")
+    if args.loop_steps:
+        extra = [v for v in args.variants.split(";")[0].split(",") if v]
+        loop = [measure_loop(args.config, common + extra, args.batch, args.loop_steps, read) for read in (True, False)]
+        lines += ["", "| loop | batch | steps | examples/s | × with the read |", "|---|---|---|---|---|"]
+        for r in loop:
+            lines.append(f"| {'float(loss) every step' if r['host_read'] else 'read at log steps only'} | "
+                         f"{r['batch']} | {r['steps']} | {r['examples_per_s']:,.1f} | "
+                         f"{r['examples_per_s'] / loop[0]['examples_per_s']:.3f} |")
     print("\n".join(lines))
     return rows

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
@@ -29,16 +29,25 @@ EMBEDDED = shapes_tfds.NAME
 
 @dataclasses.dataclass
 class Dataset:
-    """Opened data: one random-access source per split, the tokenizer, class names."""
+    """Opened data: one random-access source per split, the tokenizer, the
+    features, and the class names of ``config.data.label_key`` (if a ClassLabel)."""
 
     sources: dict[str, Any]
     tokenizer: tokenizers.Tokenizer
     class_names: list[str] | None
+    features: Any = None
+
+    def class_names_of(self, key: str) -> list[str] | None:
+        """Names of the ClassLabel feature ``key``, or None."""
+        feature = self.features[key] if self.features is not None and key in self.features else None
+        return list(feature.names) if feature is not None and hasattr(feature, "names") else None
 
 
-def open_dataset(data_cfg) -> Dataset:
+def open_dataset(data_cfg, tokenizer: tokenizers.Tokenizer | None = None) -> Dataset:
     """Opens (and for the embedded dataset, generates once) the configured data.
 
+    ``tokenizer``: use this one (an evaluation dataset is read with the
+    model's tokenizer) instead of the one ``config.data`` names.
     Raises a ValueError naming ``config.data.*`` for a missing dataset, split or
     tokenizer, before anything is compiled.
     """
@@ -61,9 +70,10 @@ def open_dataset(data_cfg) -> Dataset:
                 f"config.data.dataset: TFDS dataset {name!r} is not prepared in config.data.data_dir="
                 f"{data_dir!r}; prepare it there first (this library never downloads)"
             )
-    if data_cfg.tokenizer == "sentencepiece" and tok_path and not os.path.isfile(os.path.expanduser(tok_path)):
-        raise ValueError(f"config.data.tokenizer_path: no SentencePiece model at {tok_path!r}")
-    tok = tokenizers.make_tokenizer(data_cfg.tokenizer, tok_path and os.path.expanduser(tok_path))
+    if tokenizer is None:
+        if data_cfg.tokenizer == "sentencepiece" and tok_path and not os.path.isfile(os.path.expanduser(tok_path)):
+            raise ValueError(f"config.data.tokenizer_path: no SentencePiece model at {tok_path!r}")
+        tokenizer = tokenizers.make_tokenizer(data_cfg.tokenizer, tok_path and os.path.expanduser(tok_path))
     sources = builder.as_data_source()
     for key in (data_cfg.image_key, data_cfg.text_key):
         if key not in builder.info.features:
@@ -71,10 +81,9 @@ def open_dataset(data_cfg) -> Dataset:
                 f"config.data: feature {key!r} not in dataset {data_cfg.dataset!r} "
                 f"(features: {sorted(builder.info.features)})"
             )
-    features = builder.info.features
-    label = features[data_cfg.label_key] if data_cfg.label_key and data_cfg.label_key in features else None
-    class_names = list(label.names) if label is not None and hasattr(label, "names") else None
-    return Dataset(dict(sources), tok, class_names)
+    ds = Dataset(dict(sources), tokenizer, None, builder.info.features)
+    ds.class_names = ds.class_names_of(data_cfg.label_key) if data_cfg.label_key else None
+    return ds
 
 
 def _split(ds: Dataset, name: str, field: str):
@@ -104,54 +113,56 @@ def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+# Example fields an objective may ask for beyond "image" and "text": the
+# field's name -> the config.data field naming the dataset feature it reads.
+EXAMPLE_FIELDS = {"label": "label_key"}
+
+
 class _Preprocess(grain.transforms.Map):
-    def __init__(self, data_cfg, tok: tokenizers.Tokenizer, text_len: int, with_label: bool = False):
+    def __init__(self, data_cfg, tok: tokenizers.Tokenizer, text_len: int, fields: Sequence[str] = ()):
         self._cfg = data_cfg
         self._tok = tok
         self._len = text_len
-        self._with_label = with_label
+        self._fields = tuple(fields)
 
     def map(self, ex):
         image = resize_uint8(np.asarray(ex[self._cfg.image_key]), self._cfg.image_size)
         tokens = tokenizers.tokenize(self._tok, [_text(ex[self._cfg.text_key])], self._len)[0]
         out = {"image": image, "text": tokens}
-        if self._with_label:
-            out["label"] = np.int32(ex[self._cfg.label_key])
+        for field in self._fields:
+            out[field] = np.int32(ex[self._cfg[EXAMPLE_FIELDS[field]]])
         return out
 
 
-def augment_view(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random view for image–image contrast: a shift of up to 1/8 of the
-    side (edge padding) and a horizontal flip with probability ½."""
-    size = image.shape[0]
-    pad = max(size // 8, 1)
-    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-    dy, dx = rng.integers(0, 2 * pad + 1, size=2)
-    view = padded[dy:dy + size, dx:dx + size]
-    return view[:, ::-1] if rng.random() < 0.5 else view
+class _Augment(grain.transforms.RandomMap):
+    """Applies an objective's per-example ``augment(example, rng)``."""
 
+    def __init__(self, fn: Callable[[dict, np.random.Generator], dict]):
+        self._fn = fn
 
-class _TwoViews(grain.transforms.RandomMap):
     def random_map(self, ex, rng: np.random.Generator):
-        return {**ex, "view1": augment_view(ex["image"], rng), "view2": augment_view(ex["image"], rng)}
+        return self._fn(ex, rng)
 
 
 def train_dataset(ds: Dataset, data_cfg, text_len: int, global_batch: int, seed: int,
-                  process_index: int = 0, process_count: int = 1, *, with_label: bool = False,
-                  two_views: bool = False) -> grain.IterDataset:
+                  process_index: int = 0, process_count: int = 1, *, fields: Sequence[str] = (),
+                  augment: Callable[[dict, np.random.Generator], dict] | None = None) -> grain.IterDataset:
     """Infinite stream of this process's share of each global batch.
 
-    Batches hold "image" (uint8) and "text" (int32 tokens); with ``with_label``
-    also "label" (config.data.label_key, for UniCL); with ``two_views`` also
-    "view1" and "view2", two random augmentations of the image (for SLIP),
-    drawn from a per-example generator seeded by (seed, position), so they too
-    are reproduced exactly after a resume."""
+    Batches hold "image" (uint8) and "text" (int32 tokens), plus each of
+    ``fields`` (keys of EXAMPLE_FIELDS: "label" reads config.data.label_key)
+    and whatever ``augment`` adds (an objective's augmented views or masks).
+    ``augment`` draws from a per-example generator seeded by (seed, position),
+    so its choices too are reproduced exactly after a resume."""
     if global_batch % process_count:
         raise ValueError(f"config.train.batch_size={global_batch} is not divisible by {process_count} processes")
     source = _split(ds, data_cfg.train_split, "config.data.train_split")
     if len(source) < global_batch:
         raise ValueError(f"config.train.batch_size={global_batch}: the train split has only {len(source)} examples")
-    if with_label and not ds.class_names:
+    unknown = [f for f in fields if f not in EXAMPLE_FIELDS]
+    if unknown:
+        raise ValueError(f"example fields {unknown} are unknown to the pipeline (known: {sorted(EXAMPLE_FIELDS)})")
+    if "label" in fields and not ds.class_names:
         raise ValueError(f"config.data.label_key={data_cfg.label_key!r} names no class-label feature of the dataset")
     local_batch = global_batch // process_count
     # One global order for every process count: global batch g is rows
@@ -159,19 +170,23 @@ def train_dataset(ds: Dataset, data_cfg, text_len: int, global_batch: int, seed:
     # slice of it. Random access means only those rows are ever decoded here.
     stream = (
         grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-        .map(_Preprocess(data_cfg, ds.tokenizer, text_len, with_label))
+        .map(_Preprocess(data_cfg, ds.tokenizer, text_len, fields))
     )
-    if two_views:
-        stream = stream.random_map(_TwoViews(), seed=seed + 1)
+    if augment is not None:
+        stream = stream.random_map(_Augment(augment), seed=seed + 1)
     return (
         stream.batch(local_batch, drop_remainder=True)[process_index::process_count]
         .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
     )
 
 
-def load_split(ds: Dataset, data_cfg, split: str, text_len: int, max_examples: int) -> dict[str, np.ndarray]:
-    """Loads the first ``max_examples`` of an evaluation split into memory."""
-    source = _split(ds, split, "config.evaluate.splits")
+def load_split(ds: Dataset, data_cfg, split: str, text_len: int, max_examples: int,
+               field: str = "config.evals") -> dict[str, np.ndarray]:
+    """The first ``max_examples`` of a split in memory: "image" (uint8,
+    resized), "text" (tokens), "caption" (strings) and every scalar feature
+    of the dataset under its own name (labels, flags). ``field`` names the
+    config field that chose the split, for the error."""
+    source = _split(ds, split, field)
     n = min(len(source), max_examples)
     prep = _Preprocess(data_cfg, ds.tokenizer, text_len)
     rows = [source[i] for i in range(n)]
@@ -181,8 +196,7 @@ def load_split(ds: Dataset, data_cfg, split: str, text_len: int, max_examples: i
         "text": np.stack([p["text"] for p in processed]),
         "caption": np.asarray([_text(r[data_cfg.text_key]) for r in rows]),
     }
-    if data_cfg.label_key and data_cfg.label_key in rows[0]:
-        out["label"] = np.asarray([int(r[data_cfg.label_key]) for r in rows], dtype=np.int32)
-    if data_cfg.zeroshot_filter_key and data_cfg.zeroshot_filter_key in rows[0]:
-        out["zeroshot_mask"] = np.asarray([bool(r[data_cfg.zeroshot_filter_key]) for r in rows])
+    for key, value in rows[0].items():
+        if key not in out and key not in (data_cfg.image_key, data_cfg.text_key) and np.ndim(value) == 0:
+            out[key] = np.asarray([r[key] for r in rows])
     return out

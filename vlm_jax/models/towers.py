@@ -1,8 +1,9 @@
-"""Image and text towers and the two-tower contrastive model (Flax linen).
+"""Image and text towers and the two-tower model (Flax linen).
 
 Parameters are plain pytrees and ``apply`` is pure. ``TwoTower`` returns
-L2-normalised embeddings z^I, z^T of shape (B, embed_dim), the learnable
-log-temperature log t and, when configured (sigmoid loss), the learnable bias b.
+L2-normalised embeddings z^I, z^T of shape (B, embed_dim) (and per-token
+embeddings for token-level objectives); the parameters an objective adds
+(temperature, bias, heads) belong to the objective (``vlm_jax.objectives``).
 """
 
 from __future__ import annotations
@@ -230,15 +231,22 @@ class TextTransformer(nn.Module):
         raise ValueError(f"config.model.text.pool must be 'eos', 'last' or 'mean', got {self.pool!r}")
 
 
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """Rows scaled to unit L2 norm, in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
 class TwoTower(nn.Module):
-    """Image and text towers with linear projections to a shared embedding space."""
+    """Image and text towers with linear projections to a shared embedding space.
+
+    Only the towers and their projections live here; what an objective adds
+    (temperature, bias, heads) is created by the objective (``init_parts``)
+    and sits beside these parameters at the top of the same tree."""
 
     image: ViT
     text: TextTransformer
     embed_dim: int
-    log_t_init: float
-    bias_init: float | None = None  # None: no bias parameter (softmax loss)
-    ssl_dim: int = 0  # > 0: SLIP's image-only MLP head (hidden = image width) for two-view InfoNCE
     image_projection: bool = True  # False (SigLIP): the pooled image features are the embedding
     text_projection_bias: bool = False  # True (SigLIP): the text head has a bias
 
@@ -251,53 +259,32 @@ class TwoTower(nn.Module):
         else:
             self.img_proj = lambda x: x
         self.txt_proj = nn.Dense(self.embed_dim, use_bias=self.text_projection_bias, name="txt_proj")
-        if self.ssl_dim:
-            self.ssl_fc1 = nn.Dense(self.image.width, name="ssl_fc1")
-            self.ssl_fc2 = nn.Dense(self.ssl_dim, name="ssl_fc2")
-        self.log_t = self.param("log_t", nn.initializers.constant(self.log_t_init), ())
-        if self.bias_init is not None:
-            self.bias = self.param("bias", nn.initializers.constant(self.bias_init), ())
 
-    @staticmethod
-    def _l2(x):
-        x = x.astype(jnp.float32)
-        return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+    def image_features(self, images):
+        """The image tower's (pooled (B, width), tokens (B, n, width)), before projection."""
+        return self.image(images)
 
     def encode_image(self, images):
-        return self._l2(self.img_proj(self.image(images)[0]))
+        return l2_normalize(self.img_proj(self.image(images)[0]))
 
     def encode_text(self, tokens):
-        return self._l2(self.txt_proj(self.text(tokens)[0]))
+        return l2_normalize(self.txt_proj(self.text(tokens)[0]))
 
     def encode_image_tokens(self, images):
         """Per-token image embeddings (B, n, embed_dim), each L2-normalised (FILIP)."""
-        return self._l2(self.img_proj(self.image(images)[1]))
+        return l2_normalize(self.img_proj(self.image(images)[1]))
 
     def encode_text_tokens(self, tokens):
         """Per-token text embeddings (B, L, embed_dim), L2-normalised, and the
         float mask of real (non-padding) tokens (FILIP)."""
-        return self._l2(self.txt_proj(self.text(tokens)[1])), (tokens != 0).astype(jnp.float32)
-
-    def encode_view(self, images):
-        """SLIP's self-supervised embedding of an augmented view (L2-normalised)."""
-        h = self.image(images)[0]
-        return self._l2(self.ssl_fc2(nn.relu(self.ssl_fc1(h))))
-
-    def scalars(self):
-        bias = self.bias if self.bias_init is not None else jnp.zeros((), jnp.float32)
-        return self.log_t, bias
+        return l2_normalize(self.txt_proj(self.text(tokens)[1])), (tokens != 0).astype(jnp.float32)
 
     def __call__(self, images, tokens):
-        zimg, ztxt = self.encode_image(images), self.encode_text(tokens)
-        out = (zimg, ztxt) + self.scalars()
-        if self.ssl_dim and self.is_initializing():  # create the SSL head's parameters
-            self.encode_view(images)
-        if self.is_initializing():
-            self.encode_image_tokens(images)
-        return out
+        """(z^I, z^T); creates every parameter of the towers and projections."""
+        return self.encode_image(images), self.encode_text(tokens)
 
 
-def make_model(model_cfg, vocab_size: int, log_t_init: float, bias_init: float | None, ssl_dim: int = 0) -> TwoTower:
+def make_model(model_cfg, vocab_size: int) -> TwoTower:
     """Builds the two-tower model from ``config.model`` (explicit, no registry)."""
     dtype = jnp.dtype(model_cfg.dtype)
     ic, tc = model_cfg.image, model_cfg.text
@@ -307,5 +294,4 @@ def make_model(model_cfg, vocab_size: int, log_t_init: float, bias_init: float |
         raise ValueError(f"config.model.text.vocab_size={tc.vocab_size} is smaller than the tokenizer's {vocab_size}")
     text = TextTransformer(tc.vocab_size or vocab_size, tc.max_len, tc.width, tc.depth, tc.mlp_dim, tc.num_heads,
                            tc.causal, tc.pool, dtype, model_cfg.remat, model_cfg.scan)
-    return TwoTower(image, text, model_cfg.embed_dim, log_t_init, bias_init, ssl_dim,
-                    model_cfg.image_projection, model_cfg.text_projection_bias)
+    return TwoTower(image, text, model_cfg.embed_dim, model_cfg.image_projection, model_cfg.text_projection_bias)

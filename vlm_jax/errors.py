@@ -1,0 +1,17 @@
+"""The one exception type for user mistakes, shared by every module that checks input.
+
+A ``ConfigError`` names the config field, file or step at fault and the fix;
+the command-line entry points print it as a single ``error:`` line.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A mistake in the config or its inputs, named by its field."""
+
+
+def require(cond: bool, field: str, message: str) -> None:
+    """Raises ``ConfigError('config.<field>: <message>')`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(f"config.{field}: {message}")

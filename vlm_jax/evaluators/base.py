@@ -1,0 +1,250 @@
+"""What every evaluator shares: the embedder protocol, the mesh encoder that
+compiles once per run, the run-wide context with its caches, and the
+``Evaluator`` base class.
+
+An evaluator is one entry of ``config.evals``: a kind (the class), its own
+dataset and splits, its own frequency. ``due(step)`` says whether it runs at a
+step and ``run(params)`` returns its metrics, namespaced
+``<kind>/<split>/<metric>`` (prefixed by the entry's name when two entries
+of one kind evaluate the same split of the same data).
+
+How a model is scored (pooled embeddings and cosine similarity, or FILIP's
+token-wise similarity) is not the evaluator's business: the objective hands
+an ``Embedder`` to the context, and every evaluator asks it.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from typing import Any, Callable, ClassVar, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from vlm_jax import parallel
+from vlm_jax.data import pipeline, tokenizers
+from vlm_jax.errors import ConfigError, require
+
+Metrics = dict[str, float]
+
+# Fields every entry of config.evals has, with their defaults ("" or 0: take
+# the training data's value, see ``data_config``).
+COMMON_FIELDS: dict[str, Any] = {
+    "kind": "",
+    "every": 0,  # steps between evaluations during training; 0 = config.train.eval_every
+    "dataset": "",  # "" = the training dataset (config.data); else a prepared TFDS name
+    "dataset_config": "",
+    "data_dir": "",
+    "splits": (),  # no splits: the entry is off
+    "image_key": "",
+    "text_key": "",
+    "max_examples": 1000,  # the first N examples of each split
+    "batch_size": 256,  # per encoder call, rounded up to a multiple of the data devices
+}
+
+
+# --------------------------------------------------------------------------- embedders
+
+
+class Embedder(abc.ABC):
+    """How a model is scored: per-example image and text representations
+    (pytrees of arrays with a leading example axis, computed under jit on the
+    mesh) and the similarity between them (on the host)."""
+
+    @abc.abstractmethod
+    def images(self, params, images: jax.Array) -> Any:
+        """uint8 images (n, H, W, 3) -> representations (traced under jit)."""
+
+    @abc.abstractmethod
+    def texts(self, params, tokens: jax.Array) -> Any:
+        """int32 tokens (n, L) -> representations (traced under jit)."""
+
+    @abc.abstractmethod
+    def scores(self, img: Any, txt: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(image→text scores (n_img, n_txt), text→image scores (n_txt, n_img))."""
+
+    @abc.abstractmethod
+    def class_scores(self, img: Any, prompts: Any, num_classes: int, num_templates: int) -> np.ndarray:
+        """(n_img, num_classes) zero-shot scores; ``prompts`` holds the text
+        representations of every (class, template) prompt, class-major."""
+
+
+class MeshEncoder:
+    """Host arrays in, host representations out, batched over the data devices.
+
+    The two encoders are jitted once, with the parameters as an argument, and
+    every call pads to one batch shape: a run compiles each exactly once."""
+
+    def __init__(self, embedder: Embedder, mesh: Mesh, batch_size: int):
+        n = parallel.num_data_devices(mesh)
+        self.batch = -(-batch_size // n) * n
+        self._in_sh = parallel.batch_sharding(mesh)
+        out_sh = parallel.replicated(mesh)
+        self._images = jax.jit(embedder.images, out_shardings=out_sh)
+        self._texts = jax.jit(embedder.texts, out_shardings=out_sh)
+
+    def _run(self, fn: Callable, params, x: np.ndarray) -> Any:
+        outs = []
+        bs = self.batch
+        for start in range(0, len(x), bs):
+            chunk = x[start:start + bs]
+            pad = bs - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            arr = jax.make_array_from_callback(chunk.shape, self._in_sh, lambda idx, c=chunk: c[idx])
+            outs.append(jax.tree_util.tree_map(lambda y, p=pad: np.asarray(y)[: bs - p], fn(params, arr)))
+        return jax.tree_util.tree_map(lambda *ys: np.concatenate(ys).astype(np.float32), *outs)
+
+    def images(self, params, images: np.ndarray) -> Any:
+        return self._run(self._images, params, images)
+
+    def texts(self, params, tokens: np.ndarray) -> Any:
+        return self._run(self._texts, params, tokens)
+
+
+# --------------------------------------------------------------------------- the run-wide context
+
+
+def data_config(config, entry):
+    """The data config an entry reads: config.data with the entry's own
+    dataset, config, directory and feature keys where it names them."""
+    d = config.data.copy_and_resolve_references()
+    with d.unlocked():
+        for field in ("dataset", "dataset_config", "data_dir", "image_key", "text_key"):
+            if entry[field]:
+                d[field] = entry[field]
+        if entry.dataset and not entry.dataset_config:
+            d.dataset_config = ""
+    return d
+
+
+@dataclasses.dataclass
+class Context:
+    """What every evaluator of a run is built from, and the caches they share:
+    opened datasets, loaded splits, one encoder per batch size and, during one
+    ``Suite.run``, the representations of each split (zero-shot and retrieval
+    on the same split encode its images once)."""
+
+    config: Any
+    mesh: Mesh
+    embedder: Embedder
+    train_data: pipeline.Dataset
+    _datasets: dict = dataclasses.field(default_factory=dict)
+    _splits: dict = dataclasses.field(default_factory=dict)
+    _encoders: dict = dataclasses.field(default_factory=dict)
+    _memo: dict | None = None
+
+    @property
+    def tokenizer(self) -> tokenizers.Tokenizer:
+        return self.train_data.tokenizer  # the model's own, whatever the evaluation data
+
+    @property
+    def text_len(self) -> int:
+        return self.config.model.text.max_len
+
+    def dataset(self, data_cfg) -> pipeline.Dataset:
+        key = (data_cfg.dataset, data_cfg.dataset_config, data_cfg.data_dir)
+        if key == (self.config.data.dataset, self.config.data.dataset_config, self.config.data.data_dir):
+            return self.train_data
+        if key not in self._datasets:
+            self._datasets[key] = pipeline.open_dataset(data_cfg, tokenizer=self.tokenizer)
+        return self._datasets[key]
+
+    def split(self, data_cfg, split: str, max_examples: int, field: str) -> dict[str, np.ndarray]:
+        key = (data_cfg.dataset, data_cfg.dataset_config, data_cfg.data_dir, data_cfg.image_key,
+               data_cfg.text_key, split, max_examples)
+        if key not in self._splits:
+            ds = self.dataset(data_cfg)
+            self._splits[key] = pipeline.load_split(ds, data_cfg, split, self.text_len, max_examples, field=field)
+        return self._splits[key]
+
+    def encoder(self, batch_size: int) -> MeshEncoder:
+        if batch_size not in self._encoders:
+            self._encoders[batch_size] = MeshEncoder(self.embedder, self.mesh, batch_size)
+        return self._encoders[batch_size]
+
+    @contextlib.contextmanager
+    def one_pass(self):
+        """Within this block the parameters do not change: representations are memoised."""
+        self._memo = {}
+        try:
+            yield
+        finally:
+            self._memo = None
+
+    def encoded(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """Memoised within one ``Suite.run`` (same parameters), else computed."""
+        if self._memo is None:
+            return compute()
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+
+# --------------------------------------------------------------------------- evaluators
+
+
+class Evaluator(abc.ABC):
+    """One entry of config.evals. Subclasses set ``FIELDS`` (their own entry
+    fields with defaults), ``namespace`` (the first part of their metric keys)
+    and implement ``evaluate_split``."""
+
+    FIELDS: ClassVar[dict[str, Any]] = {}
+    namespace: ClassVar[str] = ""
+
+    def __init__(self, name: str, entry, ctx: Context, prefix: str = ""):
+        self.name, self.entry, self.ctx, self.prefix = name, entry, ctx, prefix
+        self.every = entry.every or ctx.config.train.eval_every
+        self.field = f"evals.{name}"
+        self.data_cfg = data_config(ctx.config, entry)
+        self.encoder = ctx.encoder(entry.batch_size)
+        for split in entry.splits:  # a missing dataset, split or feature fails before training starts
+            ctx.split(self.data_cfg, split, entry.max_examples, f"config.{self.field}.splits")
+        self.setup()
+
+    @classmethod
+    def check(cls, entry, field: str) -> None:
+        """Device-independent checks of the entry's own fields (config time)."""
+        require(entry.max_examples > 0, f"{field}.max_examples", "must be positive")
+        require(entry.batch_size > 0, f"{field}.batch_size", "must be positive")
+        require(entry.every >= 0, f"{field}.every", "must be 0 (config.train.eval_every) or positive")
+
+    def setup(self) -> None:
+        """Work done once per run (class names, prompt tokens)."""
+
+    def due(self, step: int, total: int) -> bool:
+        """Every ``every`` steps and at the last one; never with every = 0
+        (an entry that inherits ``config.train.eval_every = 0``)."""
+        return bool(self.entry.splits) and self.every > 0 and (step % self.every == 0 or step == total)
+
+    def data(self, split: str) -> dict[str, np.ndarray]:
+        return self.ctx.split(self.data_cfg, split, self.entry.max_examples, f"config.{self.field}.splits")
+
+    def encode_images(self, params, split: str) -> Any:
+        key = ("images", self.data_cfg.dataset, self.data_cfg.dataset_config, self.data_cfg.data_dir,
+               self.data_cfg.image_key, split, self.entry.max_examples, self.encoder.batch)
+        return self.ctx.encoded(key, lambda: self.encoder.images(params, self.data(split)["image"]))
+
+    def run(self, params) -> Metrics:
+        out: Metrics = {}
+        for split in self.entry.splits:
+            for k, v in self.evaluate_split(params, split).items():
+                out[f"{self.prefix}{self.namespace}/{split}/{k}"] = v
+        return out
+
+    @abc.abstractmethod
+    def evaluate_split(self, params, split: str) -> Metrics:
+        """Metrics of one split, keyed by metric name (top1, i2t_r1, ...)."""
+
+
+def check_entry_fields(entry, fields: Mapping[str, Any], field: str) -> None:
+    import difflib
+
+    for key in entry.keys():
+        if key not in fields:
+            guess = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else f"; known fields: {sorted(fields)}"
+            raise ConfigError(f"unknown config field 'config.{field}.{key}'{hint}")

@@ -1,0 +1,129 @@
+"""The ``Objective`` base class: what a training objective declares and gives.
+
+An objective is one frozen object built from the config, the model and the
+mesh. It declares
+  * ``CONFIG``: the fields it adds to ``config.loss``, with their defaults;
+  * ``example_fields``: dataset features it needs besides the image and the
+    caption ("label" = ``config.data.label_key``);
+  * ``augment``: an optional per-example function ``(example, rng) -> example``
+    adding derived fields (augmented views, masks); the pipeline seeds ``rng``
+    from (seed, example position), so resume and device count never change it;
+  * ``init_parts``: the parameters it adds next to the towers (heads, scalars
+    such as a bias), as a dict of top-level subtrees;
+  * ``scalar_names``: the parameters ``combine`` uses directly (temperature,
+    bias): their gradient is taken once, from the full-batch loss;
+and gives
+  * ``encode(params, batch) -> outputs``: per-example outputs (embeddings,
+    tokens, views), with a leading batch axis;
+  * ``combine(outputs, scalars, batch) -> (loss, metrics)``: the loss over
+    the whole global batch. The split is what exact gradient accumulation
+    needs (``vlm_jax.step.make_grad_fn``);
+  * ``embedder()``: how the trained model is scored by the evaluators (pooled
+    embeddings by default; FILIP overrides it with its token-wise similarity).
+
+Nothing outside an objective's own module tests ``config.loss.kind``: the
+pipeline, model construction, config checks and the train step ask the object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from vlm_jax import parallel
+from vlm_jax.data import pipeline
+from vlm_jax.evaluators.base import Embedder
+from vlm_jax.models import towers
+
+Batch = dict[str, jax.Array]
+Outputs = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Objective:
+    """Base class; see the module docstring for the contract."""
+
+    loss: ml_collections.FrozenConfigDict  # config.loss
+    model: towers.TwoTower
+    mesh: Mesh | None
+
+    CONFIG: ClassVar[dict[str, Any]] = {}
+    example_fields: ClassVar[tuple[str, ...]] = ()
+    augment: ClassVar[Callable[[dict, np.random.Generator], dict] | None] = None
+    scalar_names: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def check(cls, config) -> None:
+        """Config-time checks of the objective's own fields (raise ConfigError)."""
+
+    def init_parts(self, rng: jax.Array) -> dict[str, Any]:
+        return {}
+
+    def scalars(self, params) -> dict[str, jax.Array]:
+        return {name: params[name] for name in self.scalar_names}
+
+    def encode(self, params, batch: Batch) -> Outputs:
+        raise NotImplementedError
+
+    def combine(self, outputs: Outputs, scalars: dict[str, jax.Array], batch: Batch) -> tuple[jax.Array, dict]:
+        raise NotImplementedError
+
+    def embedder(self) -> Embedder:
+        return PooledEmbedder(self.model)
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    @property
+    def loss_kw(self) -> dict:
+        """impl, mesh, axis and tile for the functions of ``vlm_jax.losses``."""
+        return dict(impl=self.loss.impl, mesh=self.mesh, axis=parallel.DATA_AXES, tile=self.loss.tile or None)
+
+    def apply(self, params, *args, method: Callable):
+        return self.model.apply({"params": params}, *args, method=method)
+
+
+class Contrastive(Objective):
+    """Image–text objectives on pooled, L2-normalised embeddings with a
+    learnable temperature ``log_t`` (initialised from ``config.loss.log_t_init``)."""
+
+    scalar_names: ClassVar[tuple[str, ...]] = ("log_t",)
+
+    def init_parts(self, rng: jax.Array) -> dict[str, Any]:
+        return {"log_t": jnp.asarray(self.loss.log_t_init, jnp.float32)}
+
+    def encode(self, params, batch: Batch) -> Outputs:
+        images = pipeline.normalize_images(batch["image"])
+        return {"zimg": self.apply(params, images, method=towers.TwoTower.encode_image),
+                "ztxt": self.apply(params, batch["text"], method=towers.TwoTower.encode_text)}
+
+
+class PooledEmbedder(Embedder):
+    """One L2-normalised embedding per image and per text; cosine similarity.
+
+    Zero-shot: a class's prompt embeddings are averaged over the templates and
+    re-normalised (CLIP's prompt ensembling), then compared by cosine."""
+
+    def __init__(self, model: towers.TwoTower):
+        self.model = model
+
+    def images(self, params, images):
+        return self.model.apply({"params": params}, pipeline.normalize_images(images), method=towers.TwoTower.encode_image)
+
+    def texts(self, params, tokens):
+        return self.model.apply({"params": params}, tokens, method=towers.TwoTower.encode_text)
+
+    def scores(self, img: np.ndarray, txt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sim = img @ txt.T
+        return sim, sim.T
+
+    def class_scores(self, img: np.ndarray, prompts: np.ndarray, num_classes: int, num_templates: int) -> np.ndarray:
+        z = prompts.reshape(num_classes, num_templates, -1).mean(axis=1)
+        z = z / np.linalg.norm(z, axis=1, keepdims=True)
+        return img @ z.T
+
