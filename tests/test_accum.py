@@ -5,29 +5,30 @@ import numpy as np
 import pytest
 
 from conftest import load_tiny_config
-from vlm_jax import metrics, parallel, train
+from vlm_jax import metrics, parallel, session, step as step_lib, train
 from vlm_jax.data import pipeline
 
 
 def _setup_and_batch(data_dir, spec):
     cfg = load_tiny_config(data_dir, spec)
-    run = train.setup(cfg)
+    run = session.setup(cfg)
     params = jax.jit(run.init_state, out_shardings=run.state_sh)(jax.random.PRNGKey(0))["params"]
     stream = pipeline.train_dataset(run.ds, cfg.data, cfg.model.text.max_len, cfg.train.batch_size, 0,
-                                    with_label=cfg.loss.kind == "unicl", two_views=cfg.loss.kind == "slip")
+                                    fields=run.objective.example_fields, augment=run.objective.augment)
     local = next(iter(stream))
     sh = parallel.batch_sharding(run.mesh)
     batch = {k: jax.make_array_from_process_local_data(sh, v) for k, v in local.items()}
     return cfg, run, params, batch
 
 
-@pytest.mark.parametrize("spec", ["configs/default.py", "configs/default.py:sigmoid", "configs/default.py:slip"])
+@pytest.mark.parametrize("spec", ["configs/default.py", "configs/default.py:sigmoid", "configs/default.py:slip",
+                                  "configs/default.py:filip"])
 def test_accumulated_gradients_equal_full_batch_gradients(data_dir, spec):
     cfg, run, params, batch = _setup_and_batch(data_dir, spec)
-    objective = train.make_objective(cfg, run.model, run.mesh)
-    (loss1, (lt1, b1, _)), g1 = jax.jit(train.make_grad_fn(objective, run.mesh, 1))(params, batch)
+    objective = run.objective
+    (loss1, _), g1 = jax.jit(step_lib.make_grad_fn(objective, run.mesh, 1))(params, batch)
     for k in (2, 4):
-        (loss_k, (lt_k, b_k, _)), gk = jax.jit(train.make_grad_fn(objective, run.mesh, k))(params, batch)
+        (loss_k, _), gk = jax.jit(step_lib.make_grad_fn(objective, run.mesh, k))(params, batch)
         np.testing.assert_allclose(loss_k, loss1, rtol=1e-6)
         flat1 = jax.tree_util.tree_leaves_with_path(g1)
         flatk = dict(jax.tree_util.tree_leaves_with_path(gk))
@@ -48,7 +49,7 @@ def test_accumulated_gradients_equal_full_batch_gradients(data_dir, spec):
 def test_ten_steps_with_accumulation_match_the_plain_run(data_dir, tmp_path):
     rows = {}
     for k in (1, 2):
-        cfg = load_tiny_config(data_dir, **{"train.steps": 10, "train.accum_steps": k, "evaluate.splits": "()",
+        cfg = load_tiny_config(data_dir, **{"train.steps": 10, "train.accum_steps": k, "train.eval_every": 0,
                                             "train.checkpoint_every": 100, "train.log_every": 1})
         train.train(cfg, str(tmp_path / f"k{k}"))
         rows[k] = [r["train/loss"] for r in metrics.read_metrics(str(tmp_path / f"k{k}"))]
@@ -66,11 +67,11 @@ def test_accumulation_lowers_compiled_step_memory(data_dir):
     temps = {}
     for k in (1, 4):
         cfg = load_tiny_config(data_dir, **{"train.batch_size": 256, "train.accum_steps": k})
-        run = train.setup(cfg)
-        step = train.make_train_step(cfg, run.model, run.tx, run.schedule, run.mesh, run.state_sh)
+        run = session.setup(cfg)
+        step = step_lib.make_train_step(cfg, run.objective, run.tx, run.schedule, run.mesh, run.state_sh)
         sh = parallel.batch_sharding(run.mesh)
         batch = {"image": jax.ShapeDtypeStruct((256, 32, 32, 3), "uint8", sharding=sh),
                  "text": jax.ShapeDtypeStruct((256, 16), "int32", sharding=sh)}
-        compiled = step.lower(train.with_shardings(run.abstract, run.state_sh), batch).compile()
+        compiled = step.lower(session.with_shardings(run.abstract, run.state_sh), batch).compile()
         temps[k] = compiled.memory_analysis().temp_size_in_bytes
     assert temps[4] < 0.6 * temps[1], temps

@@ -96,12 +96,13 @@ def test_processes_split_the_same_global_batches(data_dir):
             np.testing.assert_array_equal(np.concatenate([parts[0][key], parts[1][key]]), whole[key])
 
 
-def test_eval_split_loads_labels_and_zeroshot_mask(data_dir):
+def test_eval_split_loads_every_scalar_feature(data_dir):
     cfg = _data_cfg(data_dir)
     ds = pipeline.open_dataset(cfg)
     split = pipeline.load_split(ds, cfg, "test_seen", 16, 100)
     assert split["image"].shape == (100, 32, 32, 3)
-    assert split["label"].shape == (100,) and split["zeroshot_mask"].dtype == bool
-    assert ds.class_names == scenes.composition_names()
-    single = [c for c, m in zip(split["caption"], split["zeroshot_mask"]) if m]
+    assert split["label"].shape == (100,) and split["single_class"].dtype == bool and split["kind"].shape == (100,)
+    assert ds.class_names == scenes.composition_names() == ds.class_names_of("label")
+    assert ds.class_names_of("single_class") is None
+    single = [c for c, m in zip(split["caption"], split["single_class"]) if m]
     assert all(" of " not in c and "above" not in c and "below" not in c for c in single)

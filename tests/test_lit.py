@@ -5,20 +5,20 @@ import numpy as np
 import pytest
 
 from conftest import load_tiny_config
-from vlm_jax import checkpoint, metrics, rules, train
+from vlm_jax import checkpoint, metrics, rules, session, train
 
 LIT = {
     "model_init.rules": '(("^(image|img_proj)/", r"\\1/"),)',
     "train.freeze": '("^image/", "^img_proj/")',
     "train.steps": 6,
-    "evaluate.splits": "()",
+    "train.eval_every": 0,
 }
 
 
 def _params(workdir, cfg):
-    run = train.setup(cfg)
+    run = session.setup(cfg)
     mgr = checkpoint.manager(workdir, 2)
-    state, _ = checkpoint.restore(mgr, mgr.latest_step(), train.with_shardings(run.abstract, run.state_sh))
+    state, _ = checkpoint.restore(mgr, mgr.latest_step(), session.with_shardings(run.abstract, run.state_sh))
     return jax.device_get(state)
 
 
@@ -49,13 +49,13 @@ def test_model_init_errors_name_the_parameter(trained_softmax, data_dir, tmp_pat
     with pytest.raises(ValueError, match=r"maps to vision/.* does not hold"):
         train.train(missing, str(tmp_path / "b"))
     with pytest.raises(ValueError, match=r"config.train.freeze: rule '\^imgae/' matches no parameter"):
-        train.setup(load_tiny_config(data_dir, **{"train.freeze": '("^imgae/",)'}))
+        session.setup(load_tiny_config(data_dir, **{"train.freeze": '("^imgae/",)'}))
 
 
 def test_lr_rules_scale_the_update(data_dir, tmp_path):
     cfg = load_tiny_config(data_dir, **{"optim.lr_rules": '(("^text/", 0.0),)', "train.steps": 3,
-                                        "evaluate.splits": "()"})
-    run = train.setup(cfg)
+                                        "train.eval_every": 0})
+    run = session.setup(cfg)
     init = jax.jit(run.init_state, out_shardings=run.state_sh)  # exactly as train() initialises
     before = rules._flat(jax.device_get(init(jax.random.PRNGKey(cfg.seed))["params"]))
     train.train(cfg, str(tmp_path))

@@ -53,24 +53,21 @@ def test_causal_eos_embedding_ignores_nothing_before_eos():
     assert not np.allclose(m.apply(params, a)[0], m.apply(params, b)[0])
 
 
-def test_two_tower_outputs_unit_embeddings_and_scalars():
-    model = towers.TwoTower(_vit(), _text(), embed_dim=16, log_t_init=2.5, bias_init=-10.0)
+def test_two_tower_outputs_unit_embeddings_and_tokens():
+    model = towers.TwoTower(_vit(), _text(), embed_dim=16)
     images, tokens = jnp.ones((4, 16, 16, 3)), jnp.ones((4, 10), jnp.int32)
     params = model.init(jax.random.PRNGKey(0), images, tokens)
-    zi, zt, log_t, bias = model.apply(params, images, tokens)
+    zi, zt = model.apply(params, images, tokens)
     assert zi.shape == zt.shape == (4, 16)
     np.testing.assert_allclose(jnp.linalg.norm(zi, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(jnp.linalg.norm(zt, axis=1), 1.0, rtol=1e-5)
-    assert float(log_t) == pytest.approx(2.5) and float(bias) == -10.0
     img_tok = model.apply(params, images, method=towers.TwoTower.encode_image_tokens)
     txt_tok, mask = model.apply(params, tokens, method=towers.TwoTower.encode_text_tokens)
     assert img_tok.shape == (4, 16, 16) and txt_tok.shape == (4, 10, 16) and mask.shape == (4, 10)
     np.testing.assert_allclose(jnp.linalg.norm(img_tok, axis=-1), 1.0, rtol=1e-5)
-    slip = towers.TwoTower(_vit(), _text(), embed_dim=16, log_t_init=2.5, ssl_dim=8)
-    slip_params = slip.init(jax.random.PRNGKey(0), images, tokens)
-    assert slip.apply(slip_params, images, method=towers.TwoTower.encode_view).shape == (4, 8)
-    no_bias = towers.TwoTower(_vit(), _text(), embed_dim=16, log_t_init=2.5)
-    assert "bias" not in no_bias.init(jax.random.PRNGKey(0), images, tokens)["params"]
+    pooled, _ = model.apply(params, images, method=towers.TwoTower.image_features)
+    assert pooled.shape == (4, 32)  # the image tower's width, before projection
+    assert set(params["params"]) == {"image", "text", "img_proj", "txt_proj"}  # nothing of any objective
 
 
 def test_published_vit_b16_image_tower_size():

@@ -3,10 +3,10 @@
 import importlib.util
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vlm_jax import objectives, session
 from vlm_jax.models import towers
 
 spec = importlib.util.spec_from_file_location("published_configs", "configs/published.py")
@@ -27,11 +27,9 @@ PUBLISHED = {
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_parameter_count_matches_the_release(name):
     c = published.get_config(name)
-    bias = c.loss.bias_init if c.loss.kind == "sigmoid" else None
-    model = towers.make_model(c.model, 100, c.loss.log_t_init, bias)  # the config's own vocabulary overrides 100
-    s = c.data.image_size
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, s, s, 3)),
-                            jnp.ones((1, c.model.text.max_len), jnp.int32))
+    model = towers.make_model(c.model, 100)  # the config's own vocabulary overrides 100
+    init = session.make_init_params(c, model, objectives.make(c, model, None))  # towers + log_t (+ SigLIP's bias)
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
     n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
     # CLIP's pre-transformer LayerNorm (1,536 parameters) is the only difference.
     assert abs(n - PUBLISHED[name]) / PUBLISHED[name] < 1e-4, (name, n)

@@ -42,6 +42,7 @@ def train(config, workdir: str) -> dict[str, float]:
     # 1. session: everything that can be wrong fails here, before anything is written or compiled
     run = session.setup(config)
     mesh, abstract, state_sh = run.mesh, run.abstract, run.state_sh
+    suite = evaluators.Suite(config, mesh, run.objective.embedder(), run.ds)  # data loaded, nothing compiled yet
     os.makedirs(workdir, exist_ok=True)
     lead = jax.process_index() == 0
     mgr = checkpoint.manager(workdir, config.train.keep_checkpoints)
@@ -69,9 +70,8 @@ def train(config, workdir: str) -> dict[str, float]:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=1, default=list)
 
-    # 2. the step and the evaluators, each compiled once for the whole run
+    # 2. the step (compiled once; the evaluators compile theirs at their first run)
     train_step = step_lib.make_train_step(config, run.objective, run.tx, run.schedule, mesh, state_sh)
-    suite = evaluators.Suite(config, mesh, run.objective.embedder(), run.ds)
     batch_sh = parallel.batch_sharding(mesh)
     writer = metrics_lib.MetricsWriter(workdir, start, enabled=lead)
     progress = metrics_lib.Progress(start, config.train.steps, enabled=lead and config.train.progress)

@@ -121,6 +121,17 @@ def data_config(config, entry):
     return d
 
 
+@contextlib.contextmanager
+def _as_config_error():
+    """Data errors (missing dataset, split, feature) are config mistakes."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e).strip("'\"")) from e
+
+
 @dataclasses.dataclass
 class Context:
     """What every evaluator of a run is built from, and the caches they share:
@@ -150,7 +161,8 @@ class Context:
         if key == (self.config.data.dataset, self.config.data.dataset_config, self.config.data.data_dir):
             return self.train_data
         if key not in self._datasets:
-            self._datasets[key] = pipeline.open_dataset(data_cfg, tokenizer=self.tokenizer)
+            with _as_config_error():
+                self._datasets[key] = pipeline.open_dataset(data_cfg, tokenizer=self.tokenizer)
         return self._datasets[key]
 
     def split(self, data_cfg, split: str, max_examples: int, field: str) -> dict[str, np.ndarray]:
@@ -158,7 +170,8 @@ class Context:
                data_cfg.text_key, split, max_examples)
         if key not in self._splits:
             ds = self.dataset(data_cfg)
-            self._splits[key] = pipeline.load_split(ds, data_cfg, split, self.text_len, max_examples, field=field)
+            with _as_config_error():
+                self._splits[key] = pipeline.load_split(ds, data_cfg, split, self.text_len, max_examples, field=field)
         return self._splits[key]
 
     def encoder(self, batch_size: int) -> MeshEncoder:

@@ -1,14 +1,27 @@
 """Pure-function contrastive losses with negatives from every device.
 
-``contrastive``: CLIP softmax and SigLIP sigmoid; ``objectives``: UniCL,
-SLIP image–image InfoNCE, FILIP. Formulas, memory, communication and FLOPs
-are in each docstring and in docs/losses.md.
+CLIP softmax, SigLIP sigmoid, UniCL, SLIP image–image InfoNCE and FILIP, each
+with impl in ``IMPLS``. Formulas, memory, communication and FLOPs are in each
+docstring and in docs/losses.md.
+
+Modules, imports running downwards only: ``ring`` (the primitives: matmuls,
+the device ring, tiles, axis bookkeeping) ← the engines ``infonce`` (every
+softmax/InfoNCE objective) and ``sigmoid`` (SigLIP) ← ``api`` (the one
+dispatch path and the losses) ← this package.
 """
 
-from vlm_jax.losses.contrastive import SIGMOID_IMPLS, SOFTMAX_IMPLS, sigmoid_loss, softmax_loss
-from vlm_jax.losses.objectives import IMPLS as OBJECTIVE_IMPLS, filip_loss, image_infonce_loss, unicl_loss
+from vlm_jax.losses.api import (
+    IMPLS,
+    filip_loss,
+    filip_sim,
+    image_infonce_loss,
+    sigmoid_loss,
+    softmax_loss,
+    unicl_loss,
+)
+from vlm_jax.losses.ring import auto_tile, axis_devices
 
 __all__ = [
-    "softmax_loss", "sigmoid_loss", "unicl_loss", "image_infonce_loss", "filip_loss",
-    "SOFTMAX_IMPLS", "SIGMOID_IMPLS", "OBJECTIVE_IMPLS",
+    "softmax_loss", "sigmoid_loss", "unicl_loss", "image_infonce_loss", "filip_loss", "filip_sim",
+    "IMPLS", "axis_devices", "auto_tile",
 ]

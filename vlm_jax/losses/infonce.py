@@ -1,6 +1,6 @@
 """One engine for every softmax (InfoNCE-type) contrastive objective.
 
-An objective is described by
+An objective is described by an ``InfoNCESpec``:
   * a similarity ``sim(log_t, a, c) -> (x_row, x_col)``: the logits of a block
     of rows a against columns c, for the row direction (a → c) and for the
     column direction (c → a, stored transposed as [a, c]); for CLIP both are
@@ -22,6 +22,11 @@ statistics; only O(b) statistics are saved; each block is recomputed once in
 the backward, where ``jax.vjp`` of ``sim`` on the block gives the gradients and
 the chunk's gradient accumulator travels home with it). ``tile`` splits each
 block into tile × tile pieces so no b × b block is ever materialised.
+
+CLIP, the case every training run uses, also has two hand-written bodies of
+its own: ``clip_dense_loss`` (the formula on the arrays as given, one B×B
+logit matrix) and ``clip_gathered_loss`` (all_gather of both modalities, each
+device scoring its b rows of both directions against all B columns).
 """
 
 from __future__ import annotations
@@ -33,14 +38,14 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.losses.blockwise import _shift, _tiles, _varying
+from vlm_jax.losses.ring import axis_tuple, dot_t, shift, tiles, varying
 
 NEG_INF = -jnp.inf
 SimFn = Callable[[jax.Array, Any, Any], tuple[jax.Array, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
-class Objective:
+class InfoNCESpec:
     """The static description of an objective (hashable: a custom_vjp argument)."""
 
     sim: SimFn
@@ -49,9 +54,9 @@ class Objective:
     denom: int  # global normaliser of the summed terms
 
 
-def _pair_masks(obj: Objective, la, ia, lc, ic):
+def _pair_masks(spec: InfoNCESpec, la, ia, lc, ic):
     pos = la[:, None] == lc[None, :]
-    if obj.exclude:
+    if spec.exclude:
         excluded = ia[:, None] == ic[None, :]
         return pos & ~excluded, excluded
     return pos, None
@@ -61,10 +66,10 @@ def _masked(x, excluded):
     return x if excluded is None else jnp.where(excluded, NEG_INF, x)
 
 
-def _terms(obj, x_row, x_col, la, ia, lc, ic, axis_rows: bool):
+def _terms(spec, x_row, x_col, la, ia, lc, ic, axis_rows: bool):
     """Per-row (axis_rows) or per-column softmax statistics of one block:
     (log-sum-exp over non-excluded pairs, Σ positives·x, number of positives)."""
-    pos, excluded = _pair_masks(obj, la, ia, lc, ic)
+    pos, excluded = _pair_masks(spec, la, ia, lc, ic)
     posf = pos.astype(jnp.float32)
     ax = 1 if axis_rows else 0
     x = x_row if axis_rows else x_col
@@ -77,14 +82,14 @@ def _merge(s, t):
 
 def _empty_stats(rows: int, axes):
     return (
-        _varying(jnp.full((rows,), NEG_INF, jnp.float32), axes),
-        _varying(jnp.zeros((rows,), jnp.float32), axes),
-        _varying(jnp.zeros((rows,), jnp.float32), axes),
+        varying(jnp.full((rows,), NEG_INF, jnp.float32), axes),
+        varying(jnp.zeros((rows,), jnp.float32), axes),
+        varying(jnp.zeros((rows,), jnp.float32), axes),
     )
 
 
 def _tree_tiles(tree, tile):
-    return jax.tree_util.tree_map(lambda x: _tiles(x, tile), tree)
+    return jax.tree_util.tree_map(lambda x: tiles(x, tile), tree)
 
 
 def _rows(tree) -> int:
@@ -94,7 +99,7 @@ def _rows(tree) -> int:
 # --------------------------------------------------------------------------- ring forward
 
 
-def _block_stats(obj, log_t, a, la, ia, c, lc, ic, tile, axes):
+def _block_stats(spec, log_t, a, la, ia, c, lc, ic, tile, axes):
     """Row statistics of a's rows and column statistics of c's rows over one
     (a × c) block, in tile × tile pieces."""
     ra, rc = _rows(a), _rows(c)
@@ -104,71 +109,71 @@ def _block_stats(obj, log_t, a, la, ia, c, lc, ic, tile, axes):
 
         def col_tile(row_stats, ys):
             c_t, lc_t, ic_t = ys
-            x_row, x_col = obj.sim(log_t, a_t, c_t)
-            row = _terms(obj, x_row, x_col, la_t, ia_t, lc_t, ic_t, True)
-            col = _terms(obj, x_row, x_col, la_t, ia_t, lc_t, ic_t, False) if obj.both else None
+            x_row, x_col = spec.sim(log_t, a_t, c_t)
+            row = _terms(spec, x_row, x_col, la_t, ia_t, lc_t, ic_t, True)
+            col = _terms(spec, x_row, x_col, la_t, ia_t, lc_t, ic_t, False) if spec.both else None
             return _merge(row_stats, row), col
 
         row_stats, col_parts = jax.lax.scan(
-            col_tile, _empty_stats(tile, axes), (_tree_tiles(c, tile), _tiles(lc, tile), _tiles(ic, tile))
+            col_tile, _empty_stats(tile, axes), (_tree_tiles(c, tile), tiles(lc, tile), tiles(ic, tile))
         )
-        if obj.both:
+        if spec.both:
             col_stats = _merge(col_stats, tuple(p.reshape(rc) for p in col_parts))
         return col_stats, row_stats
 
     col_stats, row_stats = jax.lax.scan(
-        row_tile, _empty_stats(rc, axes), (_tree_tiles(a, tile), _tiles(la, tile), _tiles(ia, tile))
+        row_tile, _empty_stats(rc, axes), (_tree_tiles(a, tile), tiles(la, tile), tiles(ia, tile))
     )
     return tuple(s.reshape(ra) for s in row_stats), col_stats
 
 
-def _ring_stats(obj, log_t, a, la, ia, c, lc, ic, axes, n, tile):
+def _ring_stats(spec, log_t, a, la, ia, c, lc, ic, axes, n, tile):
     def step(_, carry):
         chunk, lc_k, ic_k, col_k, row = carry
-        r, cs = _block_stats(obj, log_t, a, la, ia, chunk, lc_k, ic_k, tile, axes)
+        r, cs = _block_stats(spec, log_t, a, la, ia, chunk, lc_k, ic_k, tile, axes)
         col_k = _merge(col_k, cs)
-        move = functools.partial(_shift, axes=axes, n=n)
+        move = functools.partial(shift, axes=axes, n=n)
         return jax.tree_util.tree_map(move, (chunk, lc_k, ic_k, col_k)) + (_merge(row, r),)
 
     init = (c, lc, ic, _empty_stats(_rows(c), axes), _empty_stats(_rows(a), axes))
     chunk, lc_k, ic_k, col_k, row = jax.lax.fori_loop(0, n - 1, step, init)
-    r, cs = _block_stats(obj, log_t, a, la, ia, chunk, lc_k, ic_k, tile, axes)
+    r, cs = _block_stats(spec, log_t, a, la, ia, chunk, lc_k, ic_k, tile, axes)
     # The chunk now here came from the next device; its column statistics go home.
-    col_home = jax.tree_util.tree_map(lambda s: _shift(s, axes, n), _merge(col_k, cs))
+    col_home = jax.tree_util.tree_map(lambda s: shift(s, axes, n), _merge(col_k, cs))
     return _merge(row, r), col_home
 
 
-def _loss_from_stats(obj, row, col, axes):
+def _loss_from_stats(spec, row, col, axes):
     def term(stats):
         lse, possum, cnt = stats
         return jnp.sum(lse - possum / jnp.maximum(cnt, 1.0))
 
-    local = term(row) + (term(col) if obj.both else 0.0)
-    return jax.lax.psum(local, axes) / obj.denom
+    local = term(row) + (term(col) if spec.both else 0.0)
+    return jax.lax.psum(local, axes) / spec.denom
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def ring_loss(log_t, a, la, ia, c, lc, ic, obj: Objective, axes: tuple[str, ...], n: int, tile: int):
+def ring_loss(log_t, a, la, ia, c, lc, ic, spec: InfoNCESpec, axes: tuple[str, ...], n: int, tile: int):
     """The objective's global loss; a, la, ia are this device's rows, c, lc, ic
     its share of the columns (which travel the ring)."""
-    return _ring_fwd(log_t, a, la, ia, c, lc, ic, obj, axes, n, tile)[0]
+    return _ring_fwd(log_t, a, la, ia, c, lc, ic, spec, axes, n, tile)[0]
 
 
-def _ring_fwd(log_t, a, la, ia, c, lc, ic, obj, axes, n, tile):
-    row, col = _ring_stats(obj, log_t, a, la, ia, c, lc, ic, axes, n, tile)
-    loss = _loss_from_stats(obj, row, col, axes)
+def _ring_fwd(log_t, a, la, ia, c, lc, ic, spec, axes, n, tile):
+    row, col = _ring_stats(spec, log_t, a, la, ia, c, lc, ic, axes, n, tile)
+    loss = _loss_from_stats(spec, row, col, axes)
     return loss, (log_t, a, la, ia, c, lc, ic, row[0], row[2], col[0], col[2])
 
 
 # --------------------------------------------------------------------------- ring backward
 
 
-def _block_grads(obj, log_t_v, a, la, ia, c, lc, ic, row_lse, row_cnt, col_lse, col_cnt, scale, tile, axes):
+def _block_grads(spec, log_t_v, a, la, ia, c, lc, ic, row_lse, row_cnt, col_lse, col_cnt, scale, tile, axes):
     """(d log_t, d a, d c) of one block: G_row = scale·(softmax_row − P/|P(a)|),
     G_col likewise over columns, pulled back through ``sim`` with jax.vjp."""
     ra = _rows(a)
     zeros_like = lambda tree: jax.tree_util.tree_map(  # noqa: E731
-        lambda x: _varying(jnp.zeros(x.shape, jnp.float32), axes), tree)
+        lambda x: varying(jnp.zeros(x.shape, jnp.float32), axes), tree)
 
     def row_tile(carry, xs):
         dlt, dc = carry
@@ -177,11 +182,11 @@ def _block_grads(obj, log_t_v, a, la, ia, c, lc, ic, row_lse, row_cnt, col_lse, 
         def col_tile(inner, ys):
             dlt, da_t = inner
             c_t, lc_t, ic_t, cl_t, cn_t = ys
-            (x_row, x_col), pull = jax.vjp(lambda lt, p, q: obj.sim(lt, p, q), log_t_v, a_t, c_t)
-            pos, excluded = _pair_masks(obj, la_t, ia_t, lc_t, ic_t)
+            (x_row, x_col), pull = jax.vjp(lambda lt, p, q: spec.sim(lt, p, q), log_t_v, a_t, c_t)
+            pos, excluded = _pair_masks(spec, la_t, ia_t, lc_t, ic_t)
             posf = pos.astype(jnp.float32)
             g_row = scale * (jnp.exp(_masked(x_row, excluded) - rl_t[:, None]) - posf / jnp.maximum(rn_t, 1.0)[:, None])
-            if obj.both:
+            if spec.both:
                 g_col = scale * (jnp.exp(_masked(x_col, excluded) - cl_t[None, :]) - posf / jnp.maximum(cn_t, 1.0)[None, :])
             else:
                 g_col = jnp.zeros_like(x_col)
@@ -191,37 +196,37 @@ def _block_grads(obj, log_t_v, a, la, ia, c, lc, ic, row_lse, row_cnt, col_lse, 
 
         (dlt, da_t), dc_parts = jax.lax.scan(
             col_tile, (dlt, zeros_like(a_t)),
-            (_tree_tiles(c, tile), _tiles(lc, tile), _tiles(ic, tile), _tiles(col_lse, tile), _tiles(col_cnt, tile)),
+            (_tree_tiles(c, tile), tiles(lc, tile), tiles(ic, tile), tiles(col_lse, tile), tiles(col_cnt, tile)),
         )
         dc = jax.tree_util.tree_map(lambda u, v: u + v.reshape(u.shape).astype(jnp.float32), dc, dc_parts)
         return (dlt, dc), da_t
 
     (dlt, dc), da = jax.lax.scan(
-        row_tile, (_varying(jnp.zeros((), jnp.float32), axes), zeros_like(c)),
-        (_tree_tiles(a, tile), _tiles(la, tile), _tiles(ia, tile), _tiles(row_lse, tile), _tiles(row_cnt, tile)),
+        row_tile, (varying(jnp.zeros((), jnp.float32), axes), zeros_like(c)),
+        (_tree_tiles(a, tile), tiles(la, tile), tiles(ia, tile), tiles(row_lse, tile), tiles(row_cnt, tile)),
     )
     return dlt, jax.tree_util.tree_map(lambda x: x.reshape(ra, *x.shape[2:]), da), dc
 
 
-def _ring_bwd(obj, axes, n, tile, res, ct):
+def _ring_bwd(spec, axes, n, tile, res, ct):
     log_t, a, la, ia, c, lc, ic, row_lse, row_cnt, col_lse, col_cnt = res
-    scale = ct / obj.denom
+    scale = ct / spec.denom
     # A device-local copy of log_t: its per-block cotangents are summed once at the end.
-    log_t_v = _varying(log_t.astype(jnp.float32), axes)
-    move = functools.partial(_shift, axes=axes, n=n)
+    log_t_v = varying(log_t.astype(jnp.float32), axes)
+    move = functools.partial(shift, axes=axes, n=n)
     add = lambda u, v: jax.tree_util.tree_map(jnp.add, u, v)  # noqa: E731
 
     def step(_, carry):
         chunk, lc_k, ic_k, cl_k, cn_k, dc_k, da, dlt = carry
-        g_lt, g_a, g_c = _block_grads(obj, log_t_v, a, la, ia, chunk, lc_k, ic_k, row_lse, row_cnt, cl_k, cn_k, scale, tile, axes)
+        g_lt, g_a, g_c = _block_grads(spec, log_t_v, a, la, ia, chunk, lc_k, ic_k, row_lse, row_cnt, cl_k, cn_k, scale, tile, axes)
         moved = jax.tree_util.tree_map(move, (chunk, lc_k, ic_k, cl_k, cn_k, add(dc_k, g_c)))
         return moved + (add(da, g_a), dlt + g_lt)
 
     zeros = lambda tree: jax.tree_util.tree_map(  # noqa: E731
-        lambda x: _varying(jnp.zeros(x.shape, jnp.float32), axes), tree)
-    init = (c, lc, ic, col_lse, col_cnt, zeros(c), zeros(a), _varying(jnp.zeros((), jnp.float32), axes))
+        lambda x: varying(jnp.zeros(x.shape, jnp.float32), axes), tree)
+    init = (c, lc, ic, col_lse, col_cnt, zeros(c), zeros(a), varying(jnp.zeros((), jnp.float32), axes))
     chunk, lc_k, ic_k, cl_k, cn_k, dc_k, da, dlt = jax.lax.fori_loop(0, n - 1, step, init)
-    g_lt, g_a, g_c = _block_grads(obj, log_t_v, a, la, ia, chunk, lc_k, ic_k, row_lse, row_cnt, cl_k, cn_k, scale, tile, axes)
+    g_lt, g_a, g_c = _block_grads(spec, log_t_v, a, la, ia, chunk, lc_k, ic_k, row_lse, row_cnt, cl_k, cn_k, scale, tile, axes)
     dc = jax.tree_util.tree_map(move, add(dc_k, g_c))
     da = add(da, g_a)
     cast = lambda d, x: jax.tree_util.tree_map(lambda u, v: u.astype(v.dtype), d, x)  # noqa: E731
@@ -234,22 +239,54 @@ ring_loss.defvjp(_ring_fwd, _ring_bwd)
 # --------------------------------------------------------------------------- gathered (baseline)
 
 
-def gathered_loss(log_t, a, la, ia, c, lc, ic, obj: Objective, axes: tuple[str, ...]):
+def gathered_loss(log_t, a, la, ia, c, lc, ic, spec: InfoNCESpec, axes: tuple[str, ...]):
     """All-gather both sides and differentiate with autodiff: each device scores
     its rows against all columns and (when ``both``) its columns against all rows;
     gradients flow back through the gathers to the owning device."""
     gather = lambda tree: jax.tree_util.tree_map(  # noqa: E731
         lambda x: jax.lax.all_gather(x, axes, axis=0, tiled=True), tree)
     c_all, lc_all, ic_all = gather((c, lc, ic))
-    x_row, x_col = obj.sim(log_t, a, c_all)
-    local = _loss_terms(obj, x_row, x_col, la, ia, lc_all, ic_all, True)
-    if obj.both:
+    x_row, x_col = spec.sim(log_t, a, c_all)
+    local = _loss_terms(spec, x_row, x_col, la, ia, lc_all, ic_all, True)
+    if spec.both:
         a_all, la_all, ia_all = gather((a, la, ia))
-        x_row, x_col = obj.sim(log_t, a_all, c)
-        local = local + _loss_terms(obj, x_row, x_col, la_all, ia_all, lc, ic, False)
-    return jax.lax.psum(local, axes) / obj.denom
+        x_row, x_col = spec.sim(log_t, a_all, c)
+        local = local + _loss_terms(spec, x_row, x_col, la_all, ia_all, lc, ic, False)
+    return jax.lax.psum(local, axes) / spec.denom
 
 
-def _loss_terms(obj, x_row, x_col, la, ia, lc, ic, axis_rows):
-    lse, possum, cnt = _terms(obj, x_row, x_col, la, ia, lc, ic, axis_rows)
+def _loss_terms(spec, x_row, x_col, la, ia, lc, ic, axis_rows):
+    lse, possum, cnt = _terms(spec, x_row, x_col, la, ia, lc, ic, axis_rows)
     return jnp.sum(lse - possum / jnp.maximum(cnt, 1.0))
+
+
+# --------------------------------------------------------------------------- CLIP, hand-written
+
+
+def clip_dense_loss(zimg, ztxt, log_t):
+    """CLIP's formula on the arrays as given: one (B, B) logit matrix."""
+    t = jnp.exp(log_t.astype(jnp.float32))
+    logits = t * dot_t(zimg, ztxt)  # (B, B)
+    diag = jnp.diagonal(logits)
+    l_i2t = jax.nn.logsumexp(logits, axis=1) - diag
+    l_t2i = jax.nn.logsumexp(logits, axis=0) - diag
+    return 0.5 * (l_i2t.mean() + l_t2i.mean())
+
+
+def clip_gathered_loss(zi, zt, log_t, *, axis):
+    """CLIP per device: gather both modalities, score this device's b rows of
+    both directions against all B columns, autodiff for the backward."""
+    axes = axis_tuple(axis)
+    t = jnp.exp(log_t.astype(jnp.float32))
+    b = zi.shape[0]
+    # Gradients flow back through all_gather (its transpose is a
+    # reduce-scatter), so each device receives the full gradient of its rows.
+    zi_all = jax.lax.all_gather(zi, axes, axis=0, tiled=True)
+    zt_all = jax.lax.all_gather(zt, axes, axis=0, tiled=True)
+    rows = jnp.arange(b)
+    cols = jax.lax.axis_index(axes) * b + rows
+    logits_i2t = t * dot_t(zi, zt_all)  # (b, B): my images vs all texts
+    logits_t2i = t * dot_t(zt, zi_all)  # (b, B): my texts vs all images
+    pos = logits_i2t[rows, cols]  # t·z^I_i·z^T_i, the same in both directions
+    local = jnp.sum(jax.nn.logsumexp(logits_i2t, axis=1) + jax.nn.logsumexp(logits_t2i, axis=1) - 2.0 * pos)
+    return jax.lax.psum(local, axes) / (2.0 * zi_all.shape[0])

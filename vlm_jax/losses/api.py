@@ -1,0 +1,363 @@
+"""Contrastive losses with negatives from every device: the one front end.
+
+CLIP softmax and SigLIP sigmoid, and the other contrastive objectives of the
+literature (UniCL, SLIP's image–image InfoNCE, FILIP) on the same engine and
+with the same sharding discipline. Every loss is a short specification (which
+per-device body for each impl, which InfoNCE similarity) on one dispatch path
+that validates the inputs and wraps the body in ``jax.shard_map``.
+
+Notation: z^I_i, z^T_j are L2-normalised image and text embeddings (rows of
+``zimg``, ``ztxt``; shape (B, d) globally, b = B/N rows on each of the N
+devices of ``axis``); t = exp(log_t) is the inverse temperature (1/τ); b is
+the sigmoid bias. Every function returns the loss of the *global* batch as a
+float32 scalar and is differentiable in its embeddings, log_t (and bias) with
+gradients equal to those of the single-device formula.
+
+With a mesh, the chosen ``impl`` runs inside ``jax.shard_map`` over ``axis``:
+"all_gather" (gather, then autodiff), "ring" or "tiled" (custom VJP, memory
+independent of the device count N; ``tile`` rows and columns per piece).
+With ``mesh=None``, "ring" and "tiled" run on a one-device mesh (so that a
+single accelerator gets the same O(b·d) memory); "all_gather" evaluates the
+formula on the arrays as given for softmax and sigmoid (under jit on globally
+sharded arrays XLA then materialises the B×B logits where it likes: the
+``global_logits`` baseline) and runs on a one-device mesh for the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from vlm_jax.losses import infonce, sigmoid
+from vlm_jax.losses.ring import Axis, auto_tile, axis_devices, axis_tuple, check_tile, dot_t, global_index
+
+IMPLS = ("all_gather", "ring", "tiled")
+
+
+class Layout(NamedTuple):
+    """Where a per-device body runs."""
+
+    axes: tuple[str, ...]  # the mesh axes the batch is split over
+    n: int  # N, the number of devices along them
+    tile: int  # rows per piece of the ring engines: all of a device's rows unless impl="tiled"
+
+
+Body = Callable[..., jax.Array]  # body(*per-device inputs, layout) -> the global loss
+
+
+@dataclasses.dataclass(frozen=True)
+class _Loss:
+    """A loss as the dispatch sees it."""
+
+    name: str  # the public function, named in every error message
+    expected: str  # the shapes of its batch inputs, for the shape error
+    n_sharded: int  # the leading inputs, split over the axis along B; the rest are replicated
+    gathered: Body  # the per-device body of impl="all_gather"
+    ring: Body  # the per-device body of "ring" and "tiled"
+    dense: Callable[..., jax.Array] | None = None  # mesh=None with "all_gather": the formula as given
+    rows_per_item: int = 1  # engine rows per batch item (SLIP: two views), what ``tile`` divides
+
+    def __call__(self, inputs: tuple, shapes_ok: bool, *, impl: str, mesh: Mesh | None, axis: Axis,
+                 tile: int | None) -> jax.Array:
+        """The one dispatch path: validates impl, shapes, tile, mesh and axis,
+        then runs the impl's body per device inside ``jax.shard_map``."""
+        if impl not in IMPLS:
+            raise ValueError(f"{self.name}: impl must be one of {IMPLS}, got {impl!r}")
+        if not shapes_ok:
+            got = ", ".join(str(x.shape) for x in inputs[: self.n_sharded])
+            raise ValueError(f"{self.name}: expected {self.expected}; got {got}")
+        if tile is not None and impl != "tiled":
+            raise ValueError(f"{self.name}: tile={tile} applies to impl='tiled' only, not {impl!r}")
+        if mesh is None:
+            if self.dense is not None and impl == "all_gather":
+                return self.dense(*inputs)
+            mesh, axis = Mesh(np.asarray(jax.devices()[:1]), ("data",)), "data"
+        axes = axis_tuple(axis)
+        missing = [a for a in axes if a not in mesh.shape]
+        if missing:
+            raise ValueError(f"{self.name}: axis {missing} not in mesh axes {tuple(mesh.shape)}")
+        n = axis_devices(mesh, axes)
+        batch = inputs[0].shape[0]
+        if batch % n:
+            raise ValueError(
+                f"{self.name}: global batch B={batch} is not divisible by the {n} devices of mesh axis {axis!r}")
+        rows = batch // n * self.rows_per_item
+        try:
+            tile = check_tile(rows, auto_tile(rows) if impl == "tiled" and tile is None else tile)
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from None
+        body = self.gathered if impl == "all_gather" else self.ring
+        spec = P(axes)
+        return jax.shard_map(
+            functools.partial(body, layout=Layout(axes, n, tile)),
+            mesh=mesh,
+            in_specs=(spec,) * self.n_sharded + (P(),) * (len(inputs) - self.n_sharded),
+            out_specs=P(),
+        )(*inputs)
+
+
+def _infonce(sim: infonce.SimFn, *, both: bool, exclude: bool, engine_inputs: Callable) -> tuple[Body, Body]:
+    """The (all_gather, ring/tiled) bodies of an InfoNCE objective on the engine.
+
+    ``engine_inputs(*per-device inputs, axes)`` gives the engine's
+    (log_t, a, la, ia, c, lc, ic); the summed terms are divided by 2·B."""
+
+    def spec(inputs, layout):
+        return infonce.InfoNCESpec(sim, both=both, exclude=exclude, denom=2 * inputs[0].shape[0] * layout.n)
+
+    def gathered(*inputs, layout):
+        return infonce.gathered_loss(*engine_inputs(*inputs, layout.axes), spec(inputs, layout), layout.axes)
+
+    def ring(*inputs, layout):
+        args = engine_inputs(*inputs, layout.axes)
+        return infonce.ring_loss(*args, spec(inputs, layout), layout.axes, layout.n, layout.tile)
+
+    return gathered, ring
+
+
+def _pair_2d(a: jax.Array, c: jax.Array) -> bool:
+    return a.ndim == 2 and a.shape == c.shape
+
+
+# --------------------------------------------------------------------------- similarities
+
+
+def dot_sim(log_t, a, c):
+    """t·a·cᵀ for both directions (the CLIP similarity)."""
+    x = jnp.exp(log_t.astype(jnp.float32)) * dot_t(a, c)
+    return x, x
+
+
+def filip_sim(log_t, img_tokens, txt):
+    """FILIP's token-wise late interaction for a block of images × texts.
+
+    x_row[a, c] = t·(1/n_I) Σ_k max_{r valid} s_ackr  (each image token's best text token),
+    x_col[a, c] = t·(1/|valid_c|) Σ_{r valid} max_k s_ackr  (each text token's best image token),
+    s_ackr = z^I_{a,k}·z^T_{c,r}.
+    """
+    txt_tokens, txt_mask = txt
+    t = jnp.exp(log_t.astype(jnp.float32))
+    s = jnp.einsum("akd,crd->ackr", img_tokens, txt_tokens, preferred_element_type=jnp.float32)
+    valid = txt_mask[None, :, None, :] > 0
+    i2t = jnp.max(jnp.where(valid, s, -jnp.inf), axis=3).mean(axis=2)
+    per_text_token = jnp.max(s, axis=2)  # (a, c, r)
+    counts = jnp.maximum(jnp.sum(txt_mask, axis=1), 1.0)[None, :]
+    t2i = jnp.sum(per_text_token * txt_mask[None, :, :], axis=2) / counts
+    return t * i2t, t * t2i
+
+
+# --------------------------------------------------------------------------- softmax (CLIP)
+
+
+def _clip_inputs(zi, zt, log_t, axes):
+    g = global_index(zi.shape[0], axes)  # image i and text i are the positive pair
+    return log_t, zi, g, g, zt, g, g
+
+
+_SOFTMAX = _Loss(
+    "softmax_loss", "zimg and ztxt both of shape (B, d)", 2,
+    gathered=lambda zi, zt, log_t, layout: infonce.clip_gathered_loss(zi, zt, log_t, axis=layout.axes),
+    ring=_infonce(dot_sim, both=True, exclude=False, engine_inputs=_clip_inputs)[1],
+    dense=infonce.clip_dense_loss,
+)
+
+
+def softmax_loss(
+    zimg: jax.Array,
+    ztxt: jax.Array,
+    log_t: jax.Array,
+    *,
+    impl: str = "all_gather",
+    mesh: Mesh | None = None,
+    axis: Axis = "data",
+    tile: int | None = None,
+) -> jax.Array:
+    r"""CLIP softmax InfoNCE over the global batch.
+
+    L = ½ (L_{I→T} + L_{T→I}),
+    L_{I→T} = −(1/B) Σ_i log [ exp(t·z^I_i·z^T_i) / Σ_j exp(t·z^I_i·z^T_j) ],
+    L_{T→I} = −(1/B) Σ_i log [ exp(t·z^T_i·z^I_i) / Σ_j exp(t·z^T_i·z^I_j) ].
+
+    impl="all_gather": each device gathers both modalities (B×d each) and
+    computes its b rows of each direction against all B columns.
+      memory per device: 2·B·d gathered embeddings + 2·b·B float32 logits
+      (kept for the backward pass);
+      communication per device: all_gather of both modalities, 2·(N−1)·b·d
+      elements forward and the same again as reduce-scatter backward;
+      FLOPs: 2 directions × 2·b·B·d forward, about twice that backward
+      (≈ 12·B²·d summed over devices).
+    impl="ring": the texts travel the ring of N devices (ppermute); one pass
+    over each b×b block gives the partial log-sum-exp of its rows (I→T) and of
+    its columns (T→I); the column partials travel with their chunk and arrive
+    home after the last step. A custom VJP keeps only the two LSE vectors and
+    recomputes each block once in the backward, where the chunk's gradient
+    accumulator travels the ring with it.
+      memory per device: O(b·d) (chunk, accumulators) + one b×b block in flight,
+      independent of N;
+      communication per device: (N−1)·b·d forward, 2·(N−1)·b·d + N·b·d
+      backward (chunk, its LSE and its gradient), overlappable with compute;
+      FLOPs: ≈ 8·B²·d in all (2 forward, 6 backward).
+    impl="tiled": as "ring", with each block processed in tile×tile pieces,
+      so memory per device is O(b·d + tile²); ``tile`` must divide b
+      (default: the largest divisor of b up to 512).
+    With ``mesh=None``: the dense formula, one B×B logit matrix ("ring" and
+    "tiled" then run on a one-device mesh).
+    """
+    return _SOFTMAX((zimg, ztxt, log_t), _pair_2d(zimg, ztxt), impl=impl, mesh=mesh, axis=axis, tile=tile)
+
+
+# --------------------------------------------------------------------------- sigmoid (SigLIP)
+
+
+_SIGMOID = _Loss(
+    "sigmoid_loss", "zimg and ztxt both of shape (B, d)", 2,
+    gathered=lambda zi, zt, log_t, bias, layout: sigmoid.gathered_loss(zi, zt, log_t, bias, axis=layout.axes),
+    ring=lambda zi, zt, log_t, bias, layout: sigmoid.ring_loss(zi, zt, log_t, bias, layout.axes, layout.n, layout.tile),
+    dense=sigmoid.dense_loss,
+)
+
+
+def sigmoid_loss(
+    zimg: jax.Array,
+    ztxt: jax.Array,
+    log_t: jax.Array,
+    bias: jax.Array,
+    *,
+    impl: str = "all_gather",
+    mesh: Mesh | None = None,
+    axis: Axis = "data",
+    tile: int | None = None,
+) -> jax.Array:
+    r"""SigLIP pairwise sigmoid loss over the global batch.
+
+    L = −(1/B) Σ_{i=1..B} Σ_{j=1..B} log σ(ℓ_ij (t·z^I_i·z^T_j + b)),
+    ℓ_ii = +1, ℓ_ij = −1 for i ≠ j.
+
+    impl="all_gather": each device gathers the texts (B×d) and scores its b
+    images against all of them.
+      memory per device: B·d gathered texts + b·B float32 logits kept for the
+      backward pass;
+      communication per device: all_gather of one modality, (N−1)·b·d elements
+      forward, the same as reduce-scatter backward;
+      FLOPs: 2·b·B·d forward, ≈ 4·b·B·d backward (≈ 6·B²·d over all devices).
+    impl="ring": the texts travel the ring of N devices (ppermute); a custom
+    VJP keeps no logits for the backward (only the inputs) and recomputes each
+    block, the chunk's gradient accumulator travelling the ring with it.
+      memory per device: O(b·d) + one b×b block in flight, independent of N;
+      communication per device: (N−1)·b·d forward, 2·(N−1)·b·d + b·d backward;
+      FLOPs: ≈ 8·B²·d in all (2 forward, 6 backward).
+    impl="tiled": as "ring" with tile×tile pieces: O(b·d + tile²) memory.
+    With ``mesh=None``: the dense formula, one B×B logit matrix ("ring" and
+    "tiled" then run on a one-device mesh).
+    """
+    return _SIGMOID((zimg, ztxt, log_t, bias), _pair_2d(zimg, ztxt), impl=impl, mesh=mesh, axis=axis, tile=tile)
+
+
+# --------------------------------------------------------------------------- UniCL
+
+
+def _unicl_inputs(zi, zt, y, log_t, axes):
+    return log_t, zi, y, y, zt, y, y  # every pair sharing a label is a positive
+
+
+_UNICL = _Loss("unicl_loss", "zimg and ztxt both of shape (B, d), labels (B,)", 3,
+               *_infonce(dot_sim, both=True, exclude=False, engine_inputs=_unicl_inputs))
+
+
+def unicl_loss(zimg, ztxt, labels, log_t, *, impl: str = "all_gather", mesh: Mesh | None = None,
+               axis: Axis = "data", tile: int | None = None) -> jax.Array:
+    r"""Image–text–label contrastive loss (UniCL, Yang et al. 2022).
+
+    Every pair sharing a label is a positive: P(i) = {k : y_k = y_i}.
+      L_{I→T} = −(1/B) Σ_i (1/|P(i)|) Σ_{k∈P(i)} log [exp(t·z^I_i·z^T_k) / Σ_j exp(t·z^I_i·z^T_j)],
+      L_{T→I} likewise with z^I and z^T swapped,
+      L = ½ (L_{I→T} + L_{T→I})   (the CLIP convention; the paper sums the two).
+    With labels 0..B−1 it is exactly the CLIP loss; image–text pairs without a
+    class should get a label of their own.
+
+    Memory per device: all_gather 2·B·d gathered + 2·b·B float32 logits;
+    ring O(b·d) + one b×b block; tiled O(b·d + tile²).
+    Communication per device: as ``softmax_loss``, plus the labels (int32).
+    FLOPs: all_gather ≈ 12·B²·d, ring/tiled ≈ 8·B²·d.
+    """
+    ok = _pair_2d(zimg, ztxt) and labels.shape == zimg.shape[:1]
+    return _UNICL((zimg, ztxt, labels.astype(jnp.int32), log_t), ok, impl=impl, mesh=mesh, axis=axis, tile=tile)
+
+
+# --------------------------------------------------------------------------- SLIP image–image
+
+
+def _image_infonce_inputs(a1, a2, log_t, axes):
+    g = global_index(a1.shape[0], axes)
+    u = jnp.concatenate([a1, a2])
+    label = jnp.concatenate([g, g])  # the other view is the positive
+    ident = jnp.concatenate([2 * g, 2 * g + 1])  # an anchor is never its own negative
+    return log_t, u, label, ident, u, label, ident
+
+
+_IMAGE_INFONCE = _Loss("image_infonce_loss", "z1 and z2 both of shape (B, d)", 2,
+                       *_infonce(dot_sim, both=False, exclude=True, engine_inputs=_image_infonce_inputs),
+                       rows_per_item=2)
+
+
+def image_infonce_loss(z1, z2, log_t, *, impl: str = "all_gather", mesh: Mesh | None = None,
+                       axis: Axis = "data", tile: int | None = None) -> jax.Array:
+    r"""Image–image InfoNCE between two augmented views (SimCLR's NT-Xent, as in SLIP).
+
+    With the 2B embeddings u = (z^1_1..z^1_B, z^2_1..z^2_B) and p(a) the other
+    view of the same image:
+      L = −(1/2B) Σ_a log [ exp(t·u_a·u_{p(a)}) / Σ_{k≠a} exp(t·u_a·u_k) ].
+    SLIP uses a fixed τ = 0.1 (log_t = log 10); pass it, or a learnable one.
+
+    Each device holds its b rows of both views, 2b anchors.
+    Memory per device: all_gather 2·B·d gathered + 2b·2B float32 logits;
+    ring O(b·d) + one 2b×2b block; tiled O(b·d + tile²) (tile divides 2b).
+    Communication per device: both views, 2·(N−1)·b·d forward (gather or
+    ring), reduce-scatter / ring of the gradients backward.
+    FLOPs: all_gather ≈ 6·(2B)²·d, ring/tiled ≈ 8·(2B)²·d.
+    """
+    return _IMAGE_INFONCE((z1, z2, log_t), _pair_2d(z1, z2), impl=impl, mesh=mesh, axis=axis, tile=tile)
+
+
+# --------------------------------------------------------------------------- FILIP
+
+
+def _filip_inputs(zi, zt, m, log_t, axes):
+    g = global_index(zi.shape[0], axes)
+    return log_t, zi, g, g, (zt, m), g, g
+
+
+_FILIP = _Loss("filip_loss", "img_tokens (B, n_I, d), txt_tokens (B, n_T, d), txt_mask (B, n_T) with the same B and d", 3,
+               *_infonce(filip_sim, both=True, exclude=False, engine_inputs=_filip_inputs))
+
+
+def filip_loss(img_tokens, txt_tokens, txt_mask, log_t, *, impl: str = "all_gather", mesh: Mesh | None = None,
+               axis: Axis = "data", tile: int | None = None) -> jax.Array:
+    r"""FILIP (Yao et al. 2022): InfoNCE on token-wise late-interaction similarities.
+
+    For image i with tokens z^I_{i,k} (k = 1..n_I) and text j with valid tokens
+    z^T_{j,r} (mask m_{j,r}):
+      s^I_ij = (1/n_I) Σ_k max_r z^I_{i,k}·z^T_{j,r},
+      s^T_ji = (1/Σ_r m_jr) Σ_r m_jr max_k z^I_{i,k}·z^T_{j,r},
+      L = ½ ( −(1/B) Σ_i log softmax_j(t·s^I_ij)[i] − (1/B) Σ_j log softmax_i(t·s^T_ji)[j] ).
+
+    Memory, honestly: scoring one block of a images × c texts needs the
+    a·c·n_I·n_T token similarities (float32), kept for the backward by autodiff.
+    all_gather: B·(n_I + n_T)·d gathered tokens + 2·b·B·n_I·n_T floats per device
+    (both directions are scored from the gathered side); ring: b²·n_I·n_T per
+    block in flight, none kept; tiled: tile²·n_I·n_T, the only way to reach
+    large batches with long sequences.
+    Communication per device: (N−1)·b·n·d tokens per gathered/travelling
+    modality — n times a pooled embedding's.
+    FLOPs: ≈ 2·B²·n_I·n_T·d per scoring pass (4 passes ring/tiled, ≈ 6 all_gather).
+    """
+    ok = (img_tokens.ndim == 3 and txt_tokens.ndim == 3 and txt_mask.shape == txt_tokens.shape[:2]
+          and img_tokens.shape[0] == txt_tokens.shape[0] and img_tokens.shape[2] == txt_tokens.shape[2])
+    mask = jax.lax.stop_gradient(txt_mask.astype(jnp.float32))
+    return _FILIP((img_tokens, txt_tokens, mask, log_t), ok, impl=impl, mesh=mesh, axis=axis, tile=tile)

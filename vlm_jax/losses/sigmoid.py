@@ -1,0 +1,156 @@
+"""The sigmoid (SigLIP) engine: the per-device bodies of ``sigmoid_loss``.
+
+``dense_loss`` is the single-device formula (one B×B logit matrix);
+``gathered_loss`` all-gathers the texts and lets autodiff do the rest;
+``ring_loss`` is memory-linear. Each device holds its b rows of z^I and z^T.
+The other modality's chunk travels around the ring of N devices with
+``ppermute``; at step k device p scores its images against the texts of
+device (p − k) mod N. A block of logits is never stored: a ``jax.custom_vjp``
+keeps only O(b) statistics and recomputes every block in the backward pass,
+where the gradient accumulator of a text chunk travels the ring with it and
+arrives home after the last step.
+
+Within a device each (b × b) block is processed in (tile × tile) pieces with
+``lax.scan``; ``tile`` = b means one piece per block (the "ring" impl).
+
+``gathered_loss`` and ``ring_loss`` are per-device bodies meant to run inside
+``shard_map`` over ``axes``; they return the global loss (already reduced over
+the ring).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.losses.ring import axis_tuple, dot, dot_t, shift, tiles, varying
+
+# --------------------------------------------------------------------------- dense and gathered
+
+
+def _sigmoid_block_sum(zi, zt, t, bias, diag_offset):
+    """Σ_ij −log σ(ℓ_ij (t·z^I_i·z^T_j + b)) over one block; positives on the
+    diagonal shifted by ``diag_offset`` columns (or none if out of range)."""
+    logits = t * dot_t(zi, zt) + bias
+    rows = jnp.arange(zi.shape[0])[:, None]
+    cols = jnp.arange(zt.shape[0])[None, :]
+    sign = jnp.where(cols == rows + diag_offset, 1.0, -1.0)
+    return jnp.sum(jax.nn.softplus(-sign * logits))
+
+
+def dense_loss(zimg, ztxt, log_t, bias):
+    """The formula on the arrays as given: one B×B logit matrix."""
+    t = jnp.exp(log_t.astype(jnp.float32))
+    return _sigmoid_block_sum(zimg, ztxt, t, bias.astype(jnp.float32), 0) / zimg.shape[0]
+
+
+def gathered_loss(zi, zt, log_t, bias, *, axis):
+    """All-gather the texts; this device's b images against all B of them."""
+    axes = axis_tuple(axis)
+    t = jnp.exp(log_t.astype(jnp.float32))
+    b = zi.shape[0]
+    zt_all = jax.lax.all_gather(zt, axes, axis=0, tiled=True)
+    local = _sigmoid_block_sum(zi, zt_all, t, bias.astype(jnp.float32), jax.lax.axis_index(axes) * b)
+    return jax.lax.psum(local, axes) / zt_all.shape[0]
+
+
+# --------------------------------------------------------------------------- ring
+
+
+def _sigmoid_block(zi, zc, t, bias, offset, tile, axes, scale=None):
+    """Forward (scale=None): Σ softplus(−ℓ·x) over the block, x = t·zi·zcᵀ + b,
+    ℓ = +1 where column == row + offset. Backward: with G = scale·(−ℓ·σ(−ℓ·x)),
+    returns (t·G·zc, t·Gᵀ·zi, Σ G∘(x − b), Σ G)."""
+    b, d = zi.shape
+    rows0 = jnp.arange(tile)
+
+    def row_tile(carry, xs):
+        zi_r, r = xs
+
+        def col_tile(inner, ys):
+            zc_c, c = ys
+            s = t * dot_t(zi_r, zc_c)
+            x = s + bias
+            rows = r * tile + rows0[:, None]
+            cols = c * tile + rows0[None, :]
+            sign = jnp.where(cols == rows + offset, 1.0, -1.0)
+            if scale is None:
+                return inner + jnp.sum(jax.nn.softplus(-sign * x)), None
+            dzi_r, dlt, db = inner
+            g = -scale * sign * jax.nn.sigmoid(-sign * x)
+            new = (dzi_r + t * dot(g.astype(zc_c.dtype), zc_c), dlt + jnp.sum(g * s), db + jnp.sum(g))
+            return new, t * dot(g.T.astype(zi_r.dtype), zi_r)
+
+        if scale is None:
+            total, _ = jax.lax.scan(col_tile, carry, (tiles(zc, tile), jnp.arange(b // tile)))
+            return total, None
+        dzc, dlt, db = carry
+        zero = varying(jnp.zeros((tile, d), jnp.float32), axes)
+        (dzi_r, dlt, db), dzc_parts = jax.lax.scan(col_tile, (zero, dlt, db), (tiles(zc, tile), jnp.arange(b // tile)))
+        return (dzc + dzc_parts.reshape(b, d), dlt, db), dzi_r
+
+    xs = (tiles(zi, tile), jnp.arange(b // tile))
+    zero_s = varying(jnp.zeros((), jnp.float32), axes)
+    if scale is None:
+        total, _ = jax.lax.scan(row_tile, zero_s, xs)
+        return total
+    zero_dz = varying(jnp.zeros((b, d), jnp.float32), axes)
+    (dzc, dlt, db), dzi = jax.lax.scan(row_tile, (zero_dz, zero_s, zero_s), xs)
+    return dzi.reshape(b, d), dzc, dlt, db
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def ring_loss(zi, zt, log_t, bias, axes: Sequence[str], n: int, tile: int):
+    """The global loss; zi, zt are this device's rows (the texts travel the ring)."""
+    loss, _ = _sigmoid_ring_fwd(zi, zt, log_t, bias, axes, n, tile)
+    return loss
+
+
+def _sigmoid_ring_fwd(zi, zt, log_t, bias, axes, n, tile):
+    t = jnp.exp(log_t.astype(jnp.float32))
+    bias32 = bias.astype(jnp.float32)
+    b = zi.shape[0]
+    me = jax.lax.axis_index(tuple(axes))
+
+    def step(k, carry):
+        zc, total = carry
+        offset = (me - (me - k) % n) * b  # the chunk came from device (me − k) mod n
+        return shift(zc, axes, n), total + _sigmoid_block(zi, zc, t, bias32, offset, tile, axes)
+
+    zc, total = jax.lax.fori_loop(0, n - 1, step, (zt, varying(jnp.zeros((), jnp.float32), axes)))
+    total = total + _sigmoid_block(zi, zc, t, bias32, (me - (me - (n - 1)) % n) * b, tile, axes)
+    loss = jax.lax.psum(total, axes) / (b * n)
+    return loss, (zi, zt, log_t, bias)
+
+
+def _sigmoid_ring_bwd(axes, n, tile, res, ct):
+    zi, zt, log_t, bias = res
+    t = jnp.exp(log_t.astype(jnp.float32))
+    bias32 = bias.astype(jnp.float32)
+    b, d = zi.shape
+    scale = ct / (b * n)
+    me = jax.lax.axis_index(tuple(axes))
+
+    def step(k, carry):
+        zc, dzc, dzi, dlt, db = carry
+        offset = (me - (me - k) % n) * b
+        gi, gc, gl, gb = _sigmoid_block(zi, zc, t, bias32, offset, tile, axes, scale)
+        return shift(zc, axes, n), shift(dzc + gc, axes, n), dzi + gi, dlt + gl, db + gb
+
+    zeros = varying(jnp.zeros((b, d), jnp.float32), axes)
+    zero = varying(jnp.zeros((), jnp.float32), axes)
+    zc, dzc, dzi, dlt, db = jax.lax.fori_loop(0, n - 1, step, (zt, zeros, zeros, zero, zero))
+    gi, gc, gl, gb = _sigmoid_block(zi, zc, t, bias32, (me - (me - (n - 1)) % n) * b, tile, axes, scale)
+    dzt = shift(dzc + gc, axes, n)
+    return (
+        (dzi + gi).astype(zi.dtype),
+        dzt.astype(zt.dtype),
+        jax.lax.psum(dlt + gl, axes).astype(log_t.dtype),
+        jax.lax.psum(db + gb, axes).astype(bias.dtype),
+    )
+
+
+ring_loss.defvjp(_sigmoid_ring_fwd, _sigmoid_ring_bwd)
