@@ -1,5 +1,8 @@
 """Sharded losses equal the float64 single-device formula in value and gradients."""
 
+import ast
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,11 +147,11 @@ def test_indivisible_batch_and_unknown_impl_are_clear_errors():
 
 from reference import filip_loss_and_grads, image_infonce_loss_and_grads, unicl_loss_and_grads  # noqa: E402
 
-OBJECTIVE_IMPLS = [("all_gather", None), ("ring", None), ("tiled", 2)]
+INFONCE_IMPLS = [("all_gather", None), ("ring", None), ("tiled", 2)]
 
 
 @pytest.mark.parametrize("n", DEVICE_COUNTS)
-@pytest.mark.parametrize("impl,tile", OBJECTIVE_IMPLS)
+@pytest.mark.parametrize("impl,tile", INFONCE_IMPLS)
 def test_unicl_matches_reference(impl, tile, n):
     for seed, B in ((0, 16), (1, 24)):
         if tile and (B // n) % tile:
@@ -176,7 +179,7 @@ def test_unicl_with_distinct_labels_is_clip():
 
 
 @pytest.mark.parametrize("n", DEVICE_COUNTS)
-@pytest.mark.parametrize("impl,tile", OBJECTIVE_IMPLS + [("tiled", 3)])
+@pytest.mark.parametrize("impl,tile", INFONCE_IMPLS + [("tiled", 3)])
 def test_image_infonce_matches_reference(impl, tile, n):
     B = 24  # 2b = 48, 24, 12, 6 anchors per device: tiles 2 and 3 divide all of them
     rng = np.random.default_rng(n)
@@ -191,7 +194,7 @@ def test_image_infonce_matches_reference(impl, tile, n):
 
 
 @pytest.mark.parametrize("n", DEVICE_COUNTS)
-@pytest.mark.parametrize("impl,tile", OBJECTIVE_IMPLS)
+@pytest.mark.parametrize("impl,tile", INFONCE_IMPLS)
 def test_filip_matches_reference(impl, tile, n):
     B, d = 16, 8
     rng = np.random.default_rng(10 + n)
@@ -209,7 +212,7 @@ def test_filip_matches_reference(impl, tile, n):
         _close(got, g[key])
 
 
-@pytest.mark.parametrize("impl,tile", OBJECTIVE_IMPLS)
+@pytest.mark.parametrize("impl,tile", INFONCE_IMPLS)
 def test_objectives_accept_bfloat16(impl, tile):
     rng = np.random.default_rng(9)
     mesh = _mesh(8)
@@ -234,3 +237,82 @@ def test_objective_errors_are_clear():
         losses.image_infonce_loss(jnp.ones((16, 4)), jnp.ones((16, 4)), jnp.float32(1.0), mesh=mesh, impl="tiled", tile=5)
     with pytest.raises(ValueError, match="filip_loss: expected"):
         losses.filip_loss(z, z, jnp.ones((12, 3)), jnp.float32(1.0))
+    with pytest.raises(ValueError, match="unicl_loss: axis \\['model'\\] not in mesh axes"):
+        losses.unicl_loss(z, z, jnp.zeros(12, jnp.int32), jnp.float32(1.0), mesh=mesh, axis="model")
+    with pytest.raises(ValueError, match="sigmoid_loss: tile=2 applies to impl='tiled' only"):
+        losses.sigmoid_loss(z, z, jnp.float32(1.0), jnp.float32(0.0), impl="ring", tile=2)
+
+
+def test_every_loss_names_itself_and_the_one_impl_tuple():
+    assert losses.IMPLS == ("all_gather", "ring", "tiled")
+    z, s = jnp.ones((4, 2)), jnp.float32(1.0)
+    calls = {
+        "softmax_loss": lambda **kw: losses.softmax_loss(z, z, s, **kw),
+        "sigmoid_loss": lambda **kw: losses.sigmoid_loss(z, z, s, s, **kw),
+        "unicl_loss": lambda **kw: losses.unicl_loss(z, z, jnp.zeros(4, jnp.int32), s, **kw),
+        "image_infonce_loss": lambda **kw: losses.image_infonce_loss(z, z, s, **kw),
+        "filip_loss": lambda **kw: losses.filip_loss(z[:, None], z[:, None], jnp.ones((4, 1)), s, **kw),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"{name}: impl must be one of \\('all_gather', 'ring', 'tiled'\\)"):
+            call(impl="gather")
+
+
+# --------------------------------------------------------------------------- the package's structure
+
+LOSSES_DIR = os.path.dirname(os.path.abspath(losses.__file__))
+
+
+def _losses_imports() -> tuple[dict[str, set[str]], list[str]]:
+    """(module -> the losses modules it imports, the private names it takes
+    from another), for every module of vlm_jax/losses by its file stem."""
+    stems = {f[:-3] for f in os.listdir(LOSSES_DIR) if f.endswith(".py")}
+    pkg = "vlm_jax.losses"
+    edges: dict[str, set[str]] = {m: set() for m in stems}
+    private: list[str] = []
+    for mod in sorted(stems):
+        tree = ast.parse(open(os.path.join(LOSSES_DIR, mod + ".py")).read())
+        module_aliases = {}  # local name -> the losses module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith(pkg + "."):
+                        edges[mod].add(a.name.split(".")[2])
+                        module_aliases[a.asname or a.name] = a.name.split(".")[2]
+                continue
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = node.module or ""
+            if node.level:  # relative to this package
+                base = pkg + (f".{base}" if base else "")
+            if base != pkg and not base.startswith(pkg + "."):
+                continue
+            source = base[len(pkg) + 1:] or "__init__"
+            for a in node.names:
+                if base == pkg and a.name in stems:  # ``from vlm_jax.losses import ring``
+                    edges[mod].add(a.name)
+                    module_aliases[a.asname or a.name] = a.name
+                else:
+                    edges[mod].add(source)
+                    if a.name.startswith("_"):
+                        private.append(f"{mod} imports {a.name} from {source}")
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in module_aliases and node.attr.startswith("_")):
+                private.append(f"{mod} uses {node.value.id}.{node.attr}")
+        edges[mod].discard(mod)
+    return edges, private
+
+
+def test_losses_imports_run_downwards_and_take_no_private_names():
+    edges, private = _losses_imports()
+    assert not private, private
+    # The parse sees the layering (so the checks below are not vacuous).
+    assert edges["ring"] == set(), edges
+    assert {"ring", "infonce", "sigmoid"} <= edges["api"] and "api" in edges["__init__"], edges
+    remaining = {m: set(deps) for m, deps in edges.items()}
+    while remaining:  # peel off modules that import nothing left; a cycle leaves none to peel
+        leaves = [m for m, deps in remaining.items() if not deps & remaining.keys()]
+        assert leaves, f"import cycle among {sorted(remaining)}: {remaining}"
+        for m in leaves:
+            del remaining[m]

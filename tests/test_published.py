@@ -6,8 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlm_jax import objectives, session
-from vlm_jax.models import towers
+from vlm_jax import models, objectives, session
 
 spec = importlib.util.spec_from_file_location("published_configs", "configs/published.py")
 published = importlib.util.module_from_spec(spec)
@@ -27,7 +26,7 @@ PUBLISHED = {
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_parameter_count_matches_the_release(name):
     c = published.get_config(name)
-    model = towers.make_model(c.model, 100)  # the config's own vocabulary overrides 100
+    model = models.make_model(c.model, 100)  # the config's own vocabulary overrides 100
     init = session.make_init_params(c, model, objectives.make(c, model, None))  # towers + log_t (+ SigLIP's bias)
     shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
     n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))

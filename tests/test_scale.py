@@ -7,7 +7,7 @@ import pytest
 
 from vlm_jax import losses
 from vlm_jax.config import base_config
-from vlm_jax.models import towers
+from vlm_jax import models
 
 
 def _model(**model_overrides):
@@ -15,7 +15,7 @@ def _model(**model_overrides):
     c.update(dict(embed_dim=32, **{k: v for k, v in model_overrides.items() if k in ("dtype", "remat", "scan")}))
     c.image.update(dict(width=32, depth=3, mlp_dim=64, num_heads=2))
     c.text.update(dict(width=32, depth=2, mlp_dim=64, num_heads=2))
-    return towers.make_model(c, 64, 2.0, None)
+    return models.make_model(c, 64)
 
 
 def _batch():
@@ -31,8 +31,8 @@ def _batch():
 
 def _loss_and_grads(model, params, images, tokens):
     def f(p):
-        zi, zt, lt, _ = model.apply({"params": p}, images, tokens)
-        return losses.softmax_loss(zi, zt, lt)
+        zi, zt = model.apply({"params": p}, images, tokens)
+        return losses.softmax_loss(zi, zt, jnp.float32(2.0))
 
     return jax.value_and_grad(f)(params)
 
@@ -94,12 +94,12 @@ def test_bfloat16_compute_stays_close_to_float32(plain):
 
 def test_fsdp_splits_large_parameters_and_moments_and_matches_data_parallel(data_dir, tmp_path):
     from conftest import load_tiny_config
-    from vlm_jax import metrics, parallel, train
+    from vlm_jax import metrics, parallel, session, train
 
-    common = {"train.steps": 20, "evaluate.splits": "()", "train.checkpoint_every": 100, "train.log_every": 1,
+    common = {"train.steps": 20, "train.eval_every": 0, "train.checkpoint_every": 100, "train.log_every": 1,
               "mesh.fsdp_min_size": 1024}
     cfg = load_tiny_config(data_dir, **common, **{"mesh.fsdp": 8})
-    run = train.setup(cfg)
+    run = session.setup(cfg)
     assert dict(run.mesh.shape) == {"data": 1, "fsdp": 8}
     state = jax.jit(run.init_state, out_shardings=run.state_sh)(jax.random.PRNGKey(cfg.seed))
     large = 0
@@ -119,12 +119,12 @@ def test_fsdp_splits_large_parameters_and_moments_and_matches_data_parallel(data
 
 def test_bfloat16_parameter_storage_and_float32_moments(data_dir, tmp_path):
     from conftest import load_tiny_config
-    from vlm_jax import metrics, train
+    from vlm_jax import metrics, session, train
 
-    common = {"train.steps": 4, "evaluate.splits": "()", "train.log_every": 1}
+    common = {"train.steps": 4, "train.eval_every": 0, "train.log_every": 1}
     cfg = load_tiny_config(data_dir, **common, **{"model.param_dtype": "bfloat16", "model.dtype": "bfloat16",
                                                   "optim.mu_dtype": "float32"})
-    run = train.setup(cfg)
+    run = session.setup(cfg)
     params = run.abstract["params"]
     assert params["image"]["encoder"]["block0"]["mlp"]["fc1"]["kernel"].dtype == jnp.bfloat16
     assert params["log_t"].dtype == jnp.float32

@@ -46,8 +46,10 @@ def compat_record(config, params: Any) -> dict:
 def check_compatible(saved: dict, current: dict, workdir: str) -> None:
     """Raises naming the first config field (or parameter) that differs."""
     problems = []
-    for key in sorted(set(saved["config"]) | set(current["config"])):
-        a, b = saved["config"].get(key, "<absent>"), current["config"].get(key, "<absent>")
+    # Fields only one side knows (added or removed by a newer version of this
+    # library) are left to the parameter comparison below.
+    for key in sorted(set(saved["config"]) & set(current["config"])):
+        a, b = saved["config"][key], current["config"][key]
         if a != b:
             problems.append(f"{key} is {a!r} in the checkpoint but {b!r} now")
     if not problems and saved["params"] != current["params"]:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from vlm_jax import evaluators, losses, objectives
+from vlm_jax import evaluators, losses, models, objectives
 from vlm_jax.errors import ConfigError, require
 
 ConfigDict = ml_collections.ConfigDict
@@ -66,13 +66,8 @@ def base_config() -> ConfigDict:
     c.model.param_dtype = "float32"  # storage dtype of the parameters ("bfloat16" halves them); log_t, b stay float32
     c.model.remat = "none"  # "none" | "full" | "dots" | "dots_with_batch": recompute block activations
     c.model.scan = False  # nn.scan over the blocks of each tower
-    c.model.image = ConfigDict(
-        dict(patch_size=4, width=96, depth=3, mlp_dim=384, num_heads=4, posemb="learn", pool="gap")
-    )
-    c.model.text = ConfigDict(
-        dict(max_len=16, width=96, depth=2, mlp_dim=384, num_heads=4, causal=True, pool="eos",
-             vocab_size=0)  # vocab_size 0: the tokenizer's
-    )
+    c.model.image = ConfigDict(models.tower_fields(models.IMAGE_TOWERS, "vit"))  # the tower and its fields
+    c.model.text = ConfigDict(models.tower_fields(models.TEXT_TOWERS, "transformer"))
 
     c.loss = ConfigDict()
     c.loss.kind = "softmax"  # a key of vlm_jax.objectives.OBJECTIVES: softmax (CLIP), sigmoid (SigLIP), unicl, slip, filip
@@ -238,11 +233,7 @@ def check_config(config: ConfigDict) -> None:
         require(config.train[f] > 0, f"train.{f}", "must be positive")
     require(config.train.eval_every >= 0, "train.eval_every", "must be 0 (no evaluation) or positive")
     require(config.data.tokenizer in ("sentencepiece", "bytes"), "data.tokenizer", f"must be 'sentencepiece' or 'bytes', got {config.data.tokenizer!r}")
-    require(config.data.image_size % config.model.image.patch_size == 0, "model.image.patch_size",
-             f"{config.model.image.patch_size} does not divide data.image_size={config.data.image_size}")
-    for tower in ("image", "text"):
-        t = config.model[tower]
-        require(t.width % t.num_heads == 0, f"model.{tower}.num_heads", f"{t.num_heads} does not divide width {t.width}")
+    models.check(config)
     require(config.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {config.model.dtype!r}")
     require(config.model.param_dtype in ("float32", "bfloat16"), "model.param_dtype",
              f"must be 'float32' or 'bfloat16', got {config.model.param_dtype!r}")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from vlm_jax import checkpoint, config as config_lib, objectives, optim, parallel, rules
+from vlm_jax import checkpoint, config as config_lib, models, objectives, optim, parallel, rules
 from vlm_jax.data import pipeline
 from vlm_jax.errors import ConfigError
 from vlm_jax.models import towers
@@ -131,7 +131,7 @@ def setup(config) -> Setup:
             raise
         raise ConfigError(str(e)) from e
     try:
-        model = towers.make_model(config.model, ds.tokenizer.vocab_size)
+        model = models.make_model(config.model, ds.tokenizer.vocab_size)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     objective = objectives.make(config, model, mesh)

@@ -24,7 +24,13 @@ from PIL import Image
 
 from vlm_jax.data import shapes_tfds, tokenizers
 
-EMBEDDED = shapes_tfds.NAME
+# Datasets this library generates itself, once, into config.data.data_dir
+# (nothing is downloaded): name -> a module with ``prepare(data_dir,
+# config_name, vocab_size) -> TFDS builder`` and ``tokenizer_path(data_dir,
+# config_name)`` (the SentencePiece model it fits beside the data).
+GENERATED = {
+    shapes_tfds.NAME: shapes_tfds,
+}
 
 
 @dataclasses.dataclass
@@ -53,11 +59,12 @@ def open_dataset(data_cfg, tokenizer: tokenizers.Tokenizer | None = None) -> Dat
     """
     data_dir = os.path.expanduser(data_cfg.data_dir)
     tok_path = data_cfg.tokenizer_path
-    if data_cfg.dataset == EMBEDDED:
-        builder = shapes_tfds.prepare(data_dir, data_cfg.dataset_config or "default", data_cfg.vocab_size)
+    if data_cfg.dataset in GENERATED:
+        generator = GENERATED[data_cfg.dataset]
+        builder = generator.prepare(data_dir, data_cfg.dataset_config or "default", data_cfg.vocab_size)
         if data_cfg.tokenizer == "sentencepiece" and not tok_path:
-            tok_path = shapes_tfds.tokenizer_path(data_dir, data_cfg.dataset_config or "default")
-    else:
+            tok_path = generator.tokenizer_path(data_dir, data_cfg.dataset_config or "default")
+    else:  # any TFDS dataset already prepared in data_dir
         import tensorflow_datasets as tfds
 
         name = data_cfg.dataset + (f"/{data_cfg.dataset_config}" if data_cfg.dataset_config else "")

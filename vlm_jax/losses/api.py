@@ -168,16 +168,8 @@ _SOFTMAX = _Loss(
 )
 
 
-def softmax_loss(
-    zimg: jax.Array,
-    ztxt: jax.Array,
-    log_t: jax.Array,
-    *,
-    impl: str = "all_gather",
-    mesh: Mesh | None = None,
-    axis: Axis = "data",
-    tile: int | None = None,
-) -> jax.Array:
+def softmax_loss(zimg, ztxt, log_t, *, impl: str = "all_gather", mesh: Mesh | None = None,
+                 axis: Axis = "data", tile: int | None = None) -> jax.Array:
     r"""CLIP softmax InfoNCE over the global batch.
 
     L = ½ (L_{I→T} + L_{T→I}),
@@ -223,17 +215,8 @@ _SIGMOID = _Loss(
 )
 
 
-def sigmoid_loss(
-    zimg: jax.Array,
-    ztxt: jax.Array,
-    log_t: jax.Array,
-    bias: jax.Array,
-    *,
-    impl: str = "all_gather",
-    mesh: Mesh | None = None,
-    axis: Axis = "data",
-    tile: int | None = None,
-) -> jax.Array:
+def sigmoid_loss(zimg, ztxt, log_t, bias, *, impl: str = "all_gather", mesh: Mesh | None = None,
+                 axis: Axis = "data", tile: int | None = None) -> jax.Array:
     r"""SigLIP pairwise sigmoid loss over the global batch.
 
     L = −(1/B) Σ_{i=1..B} Σ_{j=1..B} log σ(ℓ_ij (t·z^I_i·z^T_j + b)),

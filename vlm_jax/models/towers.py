@@ -8,13 +8,15 @@ embeddings for token-level objectives); the parameters an objective adds
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vlm_jax.errors import require
 
 # Published tower shapes: (width, depth, mlp_dim, heads).
 VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -143,7 +145,14 @@ class MAPHead(nn.Module):
 
 
 class ViT(nn.Module):
-    """Vision Transformer image tower; returns (pooled (B, width), tokens (B, n, width))."""
+    """Vision Transformer image tower; returns (pooled (B, width), tokens (B, n, width)).
+
+    Tower contract (every image tower): ``__call__(uint8-normalised images)``
+    -> (pooled, tokens); a ``width`` attribute (the pooled size); ``CONFIG``
+    (its config.model.image fields and defaults); ``from_config``; ``check``."""
+
+    CONFIG: ClassVar[dict[str, Any]] = dict(patch_size=4, width=96, depth=3, mlp_dim=384, num_heads=4,
+                                            posemb="learn", pool="gap")
 
     patch_size: int
     width: int
@@ -155,6 +164,18 @@ class ViT(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = "none"
     scan: bool = False
+
+    @classmethod
+    def from_config(cls, c, model_cfg, vocab_size: int) -> "ViT":
+        return cls(c.patch_size, c.width, c.depth, c.mlp_dim, c.num_heads, c.posemb, c.pool,
+                   jnp.dtype(model_cfg.dtype), model_cfg.remat, model_cfg.scan)
+
+    @classmethod
+    def check(cls, config) -> None:
+        c = config.model.image
+        require(config.data.image_size % c.patch_size == 0, "model.image.patch_size",
+                f"{c.patch_size} does not divide data.image_size={config.data.image_size}")
+        require(c.width % c.num_heads == 0, "model.image.num_heads", f"{c.num_heads} does not divide width {c.width}")
 
     @nn.compact
     def __call__(self, images):
@@ -189,7 +210,12 @@ class TextTransformer(nn.Module):
 
     ``pool``: "eos" takes the last non-padding token (the tokenizers put EOS
     there), "last" the final position, "mean" the mean over non-padding tokens.
+    Tower contract (every text tower): ``__call__(tokens)`` -> (pooled, tokens);
+    ``width`` and ``max_len`` attributes; ``CONFIG``, ``from_config``, ``check``.
     """
+
+    CONFIG: ClassVar[dict[str, Any]] = dict(max_len=16, width=96, depth=2, mlp_dim=384, num_heads=4, causal=True,
+                                            pool="eos", vocab_size=0)  # vocab_size 0: the tokenizer's
 
     vocab_size: int
     max_len: int
@@ -202,6 +228,18 @@ class TextTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = "none"
     scan: bool = False
+
+    @classmethod
+    def from_config(cls, c, model_cfg, vocab_size: int) -> "TextTransformer":
+        if c.vocab_size and c.vocab_size < vocab_size:
+            raise ValueError(f"config.model.text.vocab_size={c.vocab_size} is smaller than the tokenizer's {vocab_size}")
+        return cls(c.vocab_size or vocab_size, c.max_len, c.width, c.depth, c.mlp_dim, c.num_heads, c.causal, c.pool,
+                   jnp.dtype(model_cfg.dtype), model_cfg.remat, model_cfg.scan)
+
+    @classmethod
+    def check(cls, config) -> None:
+        c = config.model.text
+        require(c.width % c.num_heads == 0, "model.text.num_heads", f"{c.num_heads} does not divide width {c.width}")
 
     @nn.compact
     def __call__(self, tokens):
@@ -282,16 +320,3 @@ class TwoTower(nn.Module):
     def __call__(self, images, tokens):
         """(z^I, z^T); creates every parameter of the towers and projections."""
         return self.encode_image(images), self.encode_text(tokens)
-
-
-def make_model(model_cfg, vocab_size: int) -> TwoTower:
-    """Builds the two-tower model from ``config.model`` (explicit, no registry)."""
-    dtype = jnp.dtype(model_cfg.dtype)
-    ic, tc = model_cfg.image, model_cfg.text
-    image = ViT(ic.patch_size, ic.width, ic.depth, ic.mlp_dim, ic.num_heads, ic.posemb, ic.pool, dtype,
-                model_cfg.remat, model_cfg.scan)
-    if tc.vocab_size and tc.vocab_size < vocab_size:
-        raise ValueError(f"config.model.text.vocab_size={tc.vocab_size} is smaller than the tokenizer's {vocab_size}")
-    text = TextTransformer(tc.vocab_size or vocab_size, tc.max_len, tc.width, tc.depth, tc.mlp_dim, tc.num_heads,
-                           tc.causal, tc.pool, dtype, model_cfg.remat, model_cfg.scan)
-    return TwoTower(image, text, model_cfg.embed_dim, model_cfg.image_projection, model_cfg.text_projection_bias)
