@@ -82,7 +82,7 @@ def test_semantic_checks():
     with pytest.raises(config_lib.ConfigError, match=r"config.loss.impl"):
         config_lib.check_config(c)
     c = config_lib.base_config()
-    c.model.image.patch_size = 5
+    c.model.image.patch_size = 64  # larger than the 32 px images
     with pytest.raises(config_lib.ConfigError, match=r"config.model.image.patch_size"):
         config_lib.check_config(c)
 

@@ -1,5 +1,6 @@
 """Two processes × 4 CPU devices through JAX's distributed runtime reproduce
-the single-process 8-device run (loss trajectory, evaluation, checkpoints)."""
+the single-process 8-device run (loss trajectory, evaluation, checkpoints), and
+one process resumes their checkpoint."""
 
 import os
 import socket
@@ -52,3 +53,18 @@ def test_two_processes_match_one(trained_softmax, data_dir, tmp_path):
             if key != "train/examples_per_sec":
                 assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (got["step"], key)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "24"
+
+    # Elastic resume: the 2-process run's step-20 checkpoint, resumed by one process.
+    import shutil
+
+    from conftest import load_tiny_config
+    from vlm_jax import train
+
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "24"))
+    train.train(load_tiny_config(data_dir), workdir)
+    resumed = metrics.read_metrics(workdir)
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference]
+    for got, want in zip(resumed, reference):
+        for key, value in want.items():
+            if key != "train/examples_per_sec":
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (got["step"], key)

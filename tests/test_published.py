@@ -37,3 +37,25 @@ def test_parameter_count_matches_the_release(name):
 def test_unknown_published_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model 'clip_vit_h99'"):
         published.get_config("clip_vit_h99")
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_every_published_shape_loads_initialises_and_trains_a_step_at_depth_one(name, data_dir):
+    """As published (image size, patch, widths, vocabulary: So400m/14 at 384 px
+    has 27 × 27 patches, the remainder dropped), with one block per tower."""
+    from vlm_jax import config as config_lib, parallel, step as step_lib
+    from vlm_jax.bench.throughput import synthetic_batch
+
+    overrides = [f"data.data_dir={data_dir}", "data.dataset_config=tiny", "model.image.depth=1",
+                 "model.text.depth=1", "train.batch_size=8"]
+    cfg = config_lib.load_config(f"configs/published.py:{name}", overrides)
+    run = session.setup(cfg)
+    state = jax.jit(run.init_state, out_shardings=run.state_sh)(jax.random.PRNGKey(0))
+    patches = (cfg.data.image_size // cfg.model.image.patch_size) ** 2
+    pos = state["params"]["image"]["pos_embed"]
+    assert pos.shape[1] == patches, (name, pos.shape)
+    step = step_lib.make_train_step(cfg, run.objective, run.tx, run.schedule, run.mesh, run.state_sh)
+    sh = parallel.batch_sharding(run.mesh)
+    batch = {k: jax.device_put(v, sh) for k, v in synthetic_batch(cfg, run, 8).items()}
+    state, out = step(state, batch)
+    assert bool(out[step_lib.FINITE]) and np.isfinite(float(out["train/loss"]))

@@ -103,6 +103,8 @@ def base_config() -> ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.eval_every = 250  # default frequency of config.evals entries with every=0; 0 = those never run
     c.train.progress = True
+    c.train.nonfinite = "stop"  # a non-finite loss/gradient/update: "stop" (nothing after it is saved) | "skip" it
+    c.train.max_skipped = 10  # nonfinite="skip": stop after more than this many non-finite steps in a row
     c.train.freeze = ()  # regexes of parameter paths to freeze: no gradient, no optimizer state, no decay
 
     # Partial initialisation from another run's checkpoint (LiT: the image tower).
@@ -189,14 +191,25 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"{path}, line {e.lineno}: syntax error ({e.msg}); fix the config file") from None
     except AttributeError as e:  # a locked ConfigDict rejects unknown fields this way
         raise ConfigError(f"{path}: {str(e).strip(chr(39))}") from e
+    except Exception as e:  # the file's own code failed: name the file and the error, no traceback
+        raise ConfigError(f"{path}: loading it raised {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: defines no get_config()")
     try:
         config = module.get_config(arg) if arg else module.get_config()
     except AttributeError as e:
         raise ConfigError(f"{path}: {str(e).strip(chr(39))}") from e
+    except ConfigError:
+        raise
+    except Exception as e:
+        call = f"get_config({arg!r})" if arg else "get_config()"
+        raise ConfigError(f"{path}: {call} raised {type(e).__name__}: {e}") from e
+    if not isinstance(config, ConfigDict):
+        raise ConfigError(f"{path}: get_config() must return a ConfigDict (start from vlm_jax.config.base_config())")
     apply_overrides(config, overrides)
     check_config(config)
     return config
@@ -231,6 +244,9 @@ def check_config(config: ConfigDict) -> None:
     require(config.train.batch_size > 0, "train.batch_size", "must be positive")
     for f in ("log_every", "checkpoint_every", "keep_checkpoints"):
         require(config.train[f] > 0, f"train.{f}", "must be positive")
+    require(config.train.nonfinite in ("stop", "skip"), "train.nonfinite",
+            f"must be 'stop' or 'skip', got {config.train.nonfinite!r}")
+    require(config.train.max_skipped >= 0, "train.max_skipped", "must be 0 or positive")
     require(config.train.eval_every >= 0, "train.eval_every", "must be 0 (no evaluation) or positive")
     require(config.data.tokenizer in ("sentencepiece", "bytes"), "data.tokenizer", f"must be 'sentencepiece' or 'bytes', got {config.data.tokenizer!r}")
     models.check(config)
@@ -266,6 +282,11 @@ def check_against_mesh(config: ConfigDict, num_data_devices: int) -> None:
         "train.batch_size",
         f"{config.train.batch_size} is not divisible by the {num_data_devices} data-parallel devices",
     )
+    if config.loss.impl == "tiled" and config.loss.tile:
+        b = config.train.batch_size // num_data_devices
+        require(b % config.loss.tile == 0, "loss.tile",
+                f"{config.loss.tile} does not divide the per-device batch {b} (train.batch_size="
+                f"{config.train.batch_size} over {num_data_devices} devices); pick a divisor of {b}, or 0 (automatic)")
     k = config.train.accum_steps
     require(
         config.train.batch_size % (num_data_devices * k) == 0,

@@ -11,6 +11,12 @@ class ConfigError(ValueError):
     """A mistake in the config or its inputs, named by its field."""
 
 
+def first_line(e: BaseException) -> str:
+    """'Type: first line of the message' of an exception, for one-line reports."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
 def require(cond: bool, field: str, message: str) -> None:
     """Raises ``ConfigError('config.<field>: <message>')`` unless ``cond``."""
     if not cond:

@@ -38,7 +38,10 @@ def evaluate_checkpoint(config, workdir: str, step: int = -1) -> tuple[int, dict
         raise ConfigError(f"--step {step}: {workdir} holds checkpoints {sorted(steps)}")
     session.check_workdir(mgr, step, config, run.abstract, workdir)
     suite = evaluators.Suite(config, run.mesh, run.objective.embedder(), run.ds)
-    state, _ = checkpoint.restore(mgr, step, session.with_shardings(run.abstract, run.state_sh))
+    try:
+        state, _ = checkpoint.restore(mgr, step, session.with_shardings(run.abstract, run.state_sh))
+    except checkpoint.DamagedCheckpoint as e:
+        raise ConfigError(f"checkpoint step {step} in {workdir} is damaged: {e}; evaluate another --step") from e
     return step, suite.run(state["params"])
 
 

@@ -26,7 +26,7 @@ from vlm_jax.data import pipeline
 from vlm_jax.errors import ConfigError
 from vlm_jax.models import towers
 
-State = dict[str, Any]  # {"step", "params", "opt_state", "rng"}: a plain pytree
+State = dict[str, Any]  # {"step", "params", "opt_state", "rng", "skipped"}: a plain pytree
 
 
 # --------------------------------------------------------------------------- command line
@@ -142,7 +142,8 @@ def setup(config) -> Setup:
         init_rng, train_rng = jax.random.split(rng)
         params = init_params(init_rng)
         trainable, _ = rules.split(params, config.train.freeze)  # frozen parameters get no optimizer state
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(trainable), "rng": train_rng}
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(trainable), "rng": train_rng,
+                "skipped": jnp.zeros((), jnp.int32)}  # steps whose non-finite update was skipped
 
     try:  # model shape errors surface at init, rule typos against the real parameter paths
         abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
@@ -174,11 +175,18 @@ def initialise_from_checkpoint(config, params, shardings):
     return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), host, shardings)
 
 
-def check_workdir(mgr, step: int, config, abstract: State, workdir: str) -> None:
+def check_compatible(saved_record: dict, current_record: dict, workdir: str) -> None:
     """Refuses (ConfigError) a checkpoint written by an incompatible config."""
     try:
-        checkpoint.check_compatible(
-            checkpoint.read_compat(mgr, step), checkpoint.compat_record(config, abstract["params"]), workdir
-        )
+        checkpoint.check_compatible(saved_record, current_record, workdir)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def check_workdir(mgr, step: int, config, abstract: State, workdir: str) -> None:
+    """Refuses (ConfigError) checkpoint ``step`` if damaged or written by an incompatible config."""
+    try:
+        saved = checkpoint.read_compat(mgr, step)
+    except checkpoint.DamagedCheckpoint as e:
+        raise ConfigError(f"checkpoint step {step} in {workdir} is damaged: {e}") from e
+    check_compatible(saved, checkpoint.compat_record(config, abstract["params"]), workdir)

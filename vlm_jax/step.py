@@ -91,14 +91,20 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def keep_if(ok: jax.Array, new, old):
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
 def make_train_step(config, objective: Objective, tx: optax.GradientTransformation, schedule, mesh: Mesh,
                     state_sh: State):
     """jit((state, batch) -> (state, out)); ``out`` holds the logged metrics
     ("train/loss", "train/learning_rate", "train/grad_norm", "train/<objective
     metric>") and ``out[FINITE]``: whether the loss, the gradients and the
-    updated parameters are all finite. The loop reads ``out`` only when it
+    updated parameters are all finite. With ``config.train.nonfinite="skip"``
+    a non-finite update is not applied and "train/skipped_steps" counts them. The loop reads ``out`` only when it
     logs, so the host does not wait for the device between log steps."""
     frozen = config.train.freeze
+    skip_nonfinite = config.train.nonfinite == "skip"
     grad_fn = make_grad_fn(objective, mesh, config.train.accum_steps, frozen)
 
     def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
@@ -106,20 +112,27 @@ def make_train_step(config, objective: Objective, tx: optax.GradientTransformati
         trainable, fixed = rules.split(state["params"], frozen)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         new_trainable = optax.apply_updates(trainable, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_trainable)
+        if skip_nonfinite:  # a non-finite update is not applied: the step keeps the old weights and moments
+            new_trainable = keep_if(finite, new_trainable, trainable)
+            opt_state = keep_if(finite, opt_state, state["opt_state"])
         new_state = {
             "step": state["step"] + 1,
             "params": rules.merge(new_trainable, fixed),
             "opt_state": opt_state,
             "rng": state["rng"],
+            "skipped": state["skipped"] + (~finite).astype(jnp.int32),
         }
-        grad_norm = optax.tree.norm(grads)
         out = {
             "train/loss": loss,
             "train/learning_rate": schedule(state["step"]),
             "train/grad_norm": grad_norm,
             **{f"train/{k}": v for k, v in metrics.items()},
-            FINITE: jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_trainable),
+            FINITE: finite,
         }
+        if skip_nonfinite:
+            out["train/skipped_steps"] = new_state["skipped"]
         return new_state, out
 
     return jax.jit(

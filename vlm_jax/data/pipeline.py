@@ -58,6 +58,8 @@ def open_dataset(data_cfg, tokenizer: tokenizers.Tokenizer | None = None) -> Dat
     tokenizer, before anything is compiled.
     """
     data_dir = os.path.expanduser(data_cfg.data_dir)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise ValueError(f"config.data.data_dir: {data_dir!r} is a file, not a directory")
     tok_path = data_cfg.tokenizer_path
     if data_cfg.dataset in GENERATED:
         generator = GENERATED[data_cfg.dataset]

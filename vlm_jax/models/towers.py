@@ -173,8 +173,10 @@ class ViT(nn.Module):
     @classmethod
     def check(cls, config) -> None:
         c = config.model.image
-        require(config.data.image_size % c.patch_size == 0, "model.image.patch_size",
-                f"{c.patch_size} does not divide data.image_size={config.data.image_size}")
+        # The patch embedding is a VALID convolution: a remainder of pixels is
+        # dropped, as the published So400m/14 at 384 px does (27 × 27 patches).
+        require(0 < c.patch_size <= config.data.image_size, "model.image.patch_size",
+                f"{c.patch_size} must be positive and at most data.image_size={config.data.image_size}")
         require(c.width % c.num_heads == 0, "model.image.num_heads", f"{c.num_heads} does not divide width {c.width}")
 
     @nn.compact

@@ -1,0 +1,137 @@
+"""A workdir has one writer, and its config history is explicit.
+
+``Lock``: an exclusive ``flock`` on WORKDIR/.lock, holding the writer's host,
+pid and start time. The kernel drops the lock when the process dies, however
+it dies (``kill -9`` included), so a crashed run never leaves a stale lock
+behind; a second trainer on the same workdir is refused at once with the
+holder named. Readers (``python -m vlm_jax.evaluate``) take no lock.
+
+``check_resume``: the fields of the config that change the computation
+(seed, batch, optimiser, data, loss, ...) must equal those of the run being
+resumed, unless the change is allowed explicitly; then every config that took
+effect is kept in WORKDIR/config_history.jsonl with the step it started at.
+Fields that only change bookkeeping (log/eval/checkpoint frequency, the
+evaluations, ``train.steps``, the input threads) may change freely.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+from typing import Any
+
+from vlm_jax.errors import ConfigError
+
+LOCK_NAME = ".lock"
+HISTORY_NAME = "config_history.jsonl"
+
+# Config fields (dotted prefixes) a resumed run may change without --allow_config_change.
+FREE_TO_CHANGE = (
+    "config.train.steps", "config.train.log_every", "config.train.checkpoint_every", "config.train.keep_checkpoints",
+    "config.train.eval_every", "config.train.progress", "config.evals.", "config.data.num_threads",
+    "config.data.prefetch", "config.mesh.",  # a resumed run may use another device count (elastic resume)
+)
+
+
+class Lock:
+    """Context manager: the exclusive writer's lock of ``workdir``."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_NAME)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "Lock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"--workdir: cannot create {self.path} ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(
+                f"--workdir {os.path.dirname(self.path)} is in use by {holder}; wait for it to finish, stop it, "
+                f"or use another --workdir") from None
+        info = f"pid {os.getpid()} on host {socket.gethostname()} since {datetime.datetime.now().isoformat(timespec='seconds')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _flatten(d: Any, prefix: str = "config") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: list(d) if isinstance(d, tuple) else d}
+
+
+def read_history(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, HISTORY_NAME)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def changed_fields(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """{field: (old, new)} of the computation-changing fields that differ."""
+    a, b = _flatten(old), _flatten(new)
+    out = {}
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(FREE_TO_CHANGE) or key in FREE_TO_CHANGE:
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            out[key] = (a.get(key, "<absent>"), b.get(key, "<absent>"))
+    return out
+
+
+def check_resume(workdir: str, config: dict, step: int, allow_change: bool) -> dict[str, tuple[Any, Any]]:
+    """Refuses (ConfigError) to resume at ``step`` with a computation-changing
+    config change unless ``allow_change``; returns the changes."""
+    config = json.loads(json.dumps(config, default=list))  # tuples as JSON has them
+    history = read_history(workdir)
+    if not history:
+        path = os.path.join(workdir, "config.json")
+        if not os.path.exists(path):
+            return {}
+        with open(path) as f:  # a workdir written before the history existed
+            history = [{"step": 0, "config": json.load(f)}]
+    changes = changed_fields(history[-1]["config"], config)
+    if changes and not allow_change:
+        listed = "; ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in list(changes.items())[:5])
+        raise ConfigError(
+            f"--workdir {workdir} holds a run with another config ({listed}). Resume with its config, use another "
+            f"--workdir, or pass --allow_config_change to continue from step {step} with the new one "
+            f"(both are kept in {HISTORY_NAME})")
+    return changes
+
+
+def record_config(workdir: str, config: dict, step: int, changes: dict) -> None:
+    """config.json = the config in force; config_history.jsonl gets a line
+    whenever a run starts with another config than the last one."""
+    config = json.loads(json.dumps(config, default=list))
+    history = read_history(workdir)
+    if not history or _flatten(history[-1]["config"]) != _flatten(config):
+        entry = {"step": step, "config": config}
+        if changes:
+            entry["changes"] = {k: [a, b] for k, (a, b) in changes.items()}
+        with open(os.path.join(workdir, HISTORY_NAME), "a") as f:
+            f.write(json.dumps(entry, default=list) + "\n")
+    tmp = os.path.join(workdir, "config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(config, f, indent=1, default=list)
+    os.replace(tmp, os.path.join(workdir, "config.json"))
