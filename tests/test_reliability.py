@@ -235,3 +235,16 @@ def test_each_mistake_is_one_error_line_without_a_traceback(data_dir, tmp_path):
         assert out.returncode != 0 and "Traceback" not in out.stderr, (expected, out.stderr[-2000:])
         assert out.stderr.strip().splitlines()[-1].startswith("error: ") and expected in out.stderr, out.stderr[-800:]
     assert not os.path.exists(tmp_path / "w")  # nothing was created for a refused run
+
+
+def test_a_damaged_data_record_is_an_error_line_naming_the_dataset_and_the_fix(data_dir, tmp_path):
+    bad = str(tmp_path / "tfds")
+    shutil.copytree(data_dir, bad)
+    path = os.path.join(bad, "vlm_shapes", "tiny", "1.0.0", "vlm_shapes-train.array_record-00000-of-00001")
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 3)
+        f.write(b"\xff" * (os.path.getsize(path) // 3))
+    with pytest.raises(SystemExit, match=r"error: config.data: reading the batch of step 1 from 'vlm_shapes' .* "
+                                         r"failed .*re-prepare the dataset"):
+        train.main(["--config", "configs/default.py", "--workdir", str(tmp_path / "w")]
+                   + tiny_overrides(bad, **{"train.eval_every": 0}))

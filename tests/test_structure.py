@@ -139,13 +139,13 @@ def test_objective_config_checks_run_at_load(data_dir):
 
 def test_the_loop_reads_the_device_only_at_log_eval_and_checkpoint_steps(data_dir, tmp_path, monkeypatch):
     reads = []
-    original = train.first_bad_step
+    original = train.FiniteGuard.check
 
-    def recording(pending):
+    def recording(self, pending):
         reads.append([s for s, _ in pending])
-        return original(pending)
+        return original(self, pending)
 
-    monkeypatch.setattr(train, "first_bad_step", recording)
+    monkeypatch.setattr(train.FiniteGuard, "check", recording)
     cfg = load_tiny_config(data_dir, **{"train.steps": 12, "train.log_every": 5, "train.checkpoint_every": 6,
                                         "train.eval_every": 0})
     train.train(cfg, str(tmp_path))

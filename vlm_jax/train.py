@@ -132,10 +132,9 @@ def train(config, workdir: str, allow_config_change: bool = False) -> dict[str, 
     """Trains (or resumes) and returns the last logged metrics."""
     # 1. session: everything that can be wrong fails here, before anything is written or compiled
     run = session.setup(config)
-    mesh, abstract, state_sh = run.mesh, run.abstract, run.state_sh
-    suite = evaluators.Suite(config, mesh, run.objective.embedder(), run.ds)  # data loaded, nothing compiled yet
+    suite = evaluators.Suite(config, run.mesh, run.objective.embedder(), run.ds)  # data loaded, nothing compiled yet
     _open_workdir(workdir)
-    with workdir_lib.Lock(workdir), Signals() as signals:
+    with workdir_lib.run_lock(workdir), Signals() as signals:
         return _train(config, workdir, run, suite, signals, allow_config_change)
 
 
@@ -222,6 +221,8 @@ def _train(config, workdir, run, suite, signals, allow_config_change) -> dict[st
             checkpoint.save(mgr, step, state, data_iter.get_state(), record)
         if stop:
             mgr.wait_until_finished()
+            mgr.close()
+            progress.close()
             writer.close()
             name = signal.Signals(signals.received).name if signals.received else "preemption"
             raise Stopped(f"stopped by {name} at step {step}: checkpoint {step} saved in {workdir}; "

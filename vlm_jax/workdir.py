@@ -1,6 +1,7 @@
 """A workdir has one writer, and its config history is explicit.
 
-``Lock``: an exclusive ``flock`` on WORKDIR/.lock, holding the writer's host,
+``Lock`` (``run_lock`` for a run of several processes, where process 0
+holds it): an exclusive ``flock`` on WORKDIR/.lock, holding the writer's host,
 pid and start time. The kernel drops the lock when the process dies, however
 it dies (``kill -9`` included), so a crashed run never leaves a stale lock
 behind; a second trainer on the same workdir is refused at once with the
@@ -16,12 +17,15 @@ evaluations, ``train.steps``, the input threads) may change freely.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
 import os
 import socket
 from typing import Any
+
+import numpy as np
 
 from vlm_jax.errors import ConfigError
 
@@ -68,6 +72,33 @@ class Lock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+@contextlib.contextmanager
+def run_lock(workdir: str):
+    """The writer's lock for a run of one or several processes: process 0
+    takes it (the workdir is shared), and every process refuses together."""
+    import jax
+
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = Lock(workdir).__enter__()
+        except ConfigError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not ok and error is None:
+            error = ConfigError(f"--workdir {workdir} is in use (process 0 was refused the lock)")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
 
 def _flatten(d: Any, prefix: str = "config") -> dict[str, Any]:
