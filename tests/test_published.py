@@ -47,7 +47,7 @@ def test_every_published_shape_loads_initialises_and_trains_a_step_at_depth_one(
     from vlm_jax.bench.throughput import synthetic_batch
 
     overrides = [f"data.data_dir={data_dir}", "data.dataset_config=tiny", "model.image.depth=1",
-                 "model.text.depth=1", "train.batch_size=8"]
+                 "model.text.depth=1", "train.batch_size=2", "mesh.data=1"]  # one device, two examples
     cfg = config_lib.load_config(f"configs/published.py:{name}", overrides)
     run = session.setup(cfg)
     state = jax.jit(run.init_state, out_shardings=run.state_sh)(jax.random.PRNGKey(0))
@@ -56,6 +56,6 @@ def test_every_published_shape_loads_initialises_and_trains_a_step_at_depth_one(
     assert pos.shape[1] == patches, (name, pos.shape)
     step = step_lib.make_train_step(cfg, run.objective, run.tx, run.schedule, run.mesh, run.state_sh)
     sh = parallel.batch_sharding(run.mesh)
-    batch = {k: jax.device_put(v, sh) for k, v in synthetic_batch(cfg, run, 8).items()}
+    batch = {k: jax.device_put(v, sh) for k, v in synthetic_batch(cfg, run, 2).items()}
     state, out = step(state, batch)
     assert bool(out[step_lib.FINITE]) and np.isfinite(float(out["train/loss"]))

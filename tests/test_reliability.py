@@ -248,3 +248,32 @@ def test_a_damaged_data_record_is_an_error_line_naming_the_dataset_and_the_fix(d
                                          r"failed .*re-prepare the dataset"):
         train.main(["--config", "configs/default.py", "--workdir", str(tmp_path / "w")]
                    + tiny_overrides(bad, **{"train.eval_every": 0}))
+
+
+def test_a_full_disk_or_read_only_workdir_is_an_error_line_and_the_checkpoints_stay(data_dir, tmp_path, monkeypatch):
+    # This machine's tests run as root (permissions do not apply) on a disk with room: the
+    # failures are simulated where the loop meets them, to check what the user is told.
+    import errno
+
+    from vlm_jax import metrics as metrics_lib
+
+    calls = []
+
+    def full(self, step, row):
+        calls.append(step)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", os.path.join(self.path))
+        return original(self, step, row)
+
+    original = metrics_lib.MetricsWriter.write
+    monkeypatch.setattr(metrics_lib.MetricsWriter, "write", full)
+    argv = ["--config", "configs/default.py", "--workdir", str(tmp_path / "w")] + tiny_overrides(
+        data_dir, **{"train.eval_every": 0, "train.log_every": 4, "train.checkpoint_every": 4})
+    with pytest.raises(SystemExit, match=r"error: writing to --workdir .* failed \(No space left on device: .*"
+                                         r"metrics.jsonl\); the checkpoints already complete are intact"):
+        train.main(argv)
+    cfg = load_tiny_config(data_dir)
+    assert sorted(_restore_all(str(tmp_path / "w"), cfg)) == [4, 8]  # verified, restorable
+    monkeypatch.setattr(train.os, "access", lambda path, mode: False)
+    with pytest.raises(SystemExit, match=r"error: --workdir .*: not writable"):
+        train.main(argv[:3] + [str(tmp_path / "ro")] + argv[4:])

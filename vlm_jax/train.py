@@ -183,54 +183,54 @@ def _train(config, workdir, run, suite, signals, allow_config_change) -> dict[st
     pending: list[tuple[int, jax.Array]] = []  # (step, finiteness flag) not yet read back
     t_last, steps_since = time.time(), 0
 
-    # 4. the loop
-    for step in range(start + 1, total + 1):
-        local = next_batch(data_iter, config, step)
-        batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
-        state, out = train_step(state, batch)  # dispatched; nothing below waits for it until a read
-        pending.append((step, out.pop(step_lib.FINITE)))
-        steps_since += 1
-        progress.update(step)
+    # 4. the loop (whatever ends it, an in-flight checkpoint is completed)
+    try:
+        for step in range(start + 1, total + 1):
+            local = next_batch(data_iter, config, step)
+            batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+            state, out = train_step(state, batch)  # dispatched; nothing below waits for it until a read
+            pending.append((step, out.pop(step_lib.FINITE)))
+            steps_since += 1
+            progress.update(step)
 
-        stop = signals.stop_requested(step)
-        log_now = step % config.train.log_every == 0 or step == total
-        eval_now = suite.due(step, total)
-        save_now = step % config.train.checkpoint_every == 0 or step == total or stop
-        if not (log_now or eval_now or save_now):
-            continue
-        reason = guard.check(pending)
-        if reason is not None:
-            mgr.wait_until_finished()
-            raise FloatingPointError(f"{reason}; stopped without saving. "
-                                     f"The last good checkpoint (step {mgr.latest_step()}) is kept in {workdir}.")
-        pending.clear()
-        row: dict[str, float] = {}
-        if log_now:
-            host = jax.device_get(out)
-            now = time.time()
-            row.update({k: float(v) for k, v in host.items()})
-            row["train/examples_per_sec"] = steps_since * config.train.batch_size / max(now - t_last, 1e-9)
-            t_last, steps_since = now, 0
-        if eval_now:
-            row.update(suite.run(state["params"], step, total))
-        if row:
-            writer.write(step, row)
-            last = {"step": step, **row}
-            progress.update(step, f"loss {row['train/loss']:.4f}" if "train/loss" in row else "", force=True)
-        if save_now:
-            checkpoint.save(mgr, step, state, data_iter.get_state(), record)
-        if stop:
-            mgr.wait_until_finished()
-            mgr.close()
-            progress.close()
-            writer.close()
-            name = signal.Signals(signals.received).name if signals.received else "preemption"
-            raise Stopped(f"stopped by {name} at step {step}: checkpoint {step} saved in {workdir}; "
-                          f"run the same command to resume", EXIT_PREEMPTED)
-        if eval_now or save_now:
-            t_last = time.time()  # evaluation and checkpoints are not training throughput
+            stop = signals.stop_requested(step)
+            log_now = step % config.train.log_every == 0 or step == total
+            eval_now = suite.due(step, total)
+            save_now = step % config.train.checkpoint_every == 0 or step == total or stop
+            if not (log_now or eval_now or save_now):
+                continue
+            reason = guard.check(pending)
+            if reason is not None:
+                mgr.wait_until_finished()
+                raise FloatingPointError(f"{reason}; stopped without saving. "
+                                         f"The last good checkpoint (step {mgr.latest_step()}) is kept in {workdir}.")
+            pending.clear()
+            row: dict[str, float] = {}
+            if log_now:
+                host = jax.device_get(out)
+                now = time.time()
+                row.update({k: float(v) for k, v in host.items()})
+                row["train/examples_per_sec"] = steps_since * config.train.batch_size / max(now - t_last, 1e-9)
+                t_last, steps_since = now, 0
+            if eval_now:
+                row.update(suite.run(state["params"], step, total))
+            if row:
+                writer.write(step, row)
+                last = {"step": step, **row}
+                progress.update(step, f"loss {row['train/loss']:.4f}" if "train/loss" in row else "", force=True)
+            if save_now:
+                checkpoint.save(mgr, step, state, data_iter.get_state(), record)
+            if stop:  # the checkpoint completes in the ``finally`` below, before the message is printed
+                progress.close()
+                writer.close()
+                name = signal.Signals(signals.received).name if signals.received else "preemption"
+                raise Stopped(f"stopped by {name} at step {step}: checkpoint {step} saved in {workdir}; "
+                              f"run the same command to resume", EXIT_PREEMPTED)
+            if eval_now or save_now:
+                t_last = time.time()  # evaluation and checkpoints are not training throughput
+    finally:
+        mgr.wait_until_finished()
 
-    mgr.wait_until_finished()
     progress.close()
     writer.close()
     mgr.close()
@@ -253,6 +253,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         raise SystemExit(f"error: {e}") from None
     except FloatingPointError as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # disk full, permissions changed under the run, ...
+        raise SystemExit(
+            f"error: writing to --workdir {args.workdir} failed ({e.strerror or e}: {e.filename or ''}); the "
+            f"checkpoints already complete are intact: free space or fix permissions, then run the same command "
+            f"to resume") from None
     except Stopped as e:
         print(str(e), file=sys.stderr)
         raise SystemExit(e.code) from None
