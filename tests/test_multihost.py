@@ -28,6 +28,14 @@ def _env(devices: int) -> dict:
     return env
 
 
+def _assert_same_metrics(rows, reference):
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    for got, want in zip(rows, reference):
+        for key, value in want.items():
+            if key != "train/examples_per_sec":
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (got["step"], key)
+
+
 def test_two_processes_match_one(trained_softmax, data_dir, tmp_path):
     _, reference = trained_softmax  # one process, 8 devices, the same config
     workdir = str(tmp_path / "multihost")
@@ -46,12 +54,7 @@ def test_two_processes_match_one(trained_softmax, data_dir, tmp_path):
             pytest.fail("the two-process run did not finish in 600 s")
         errors.append(err)
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errors)
-    rows = metrics.read_metrics(workdir)
-    assert [r["step"] for r in rows] == [r["step"] for r in reference]
-    for got, want in zip(rows, reference):
-        for key, value in want.items():
-            if key != "train/examples_per_sec":
-                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (got["step"], key)
+    _assert_same_metrics(metrics.read_metrics(workdir), reference)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "24"
 
     # Elastic resume: the 2-process run's step-20 checkpoint, resumed by one process.
@@ -62,9 +65,4 @@ def test_two_processes_match_one(trained_softmax, data_dir, tmp_path):
 
     shutil.rmtree(os.path.join(workdir, "checkpoints", "24"))
     train.train(load_tiny_config(data_dir), workdir)
-    resumed = metrics.read_metrics(workdir)
-    assert [r["step"] for r in resumed] == [r["step"] for r in reference]
-    for got, want in zip(resumed, reference):
-        for key, value in want.items():
-            if key != "train/examples_per_sec":
-                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (got["step"], key)
+    _assert_same_metrics(metrics.read_metrics(workdir), reference)

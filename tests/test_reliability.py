@@ -88,10 +88,10 @@ def test_the_guard_stops_after_too_many_skipped_steps_in_a_row():
 
 
 def _array_files(step_dir):
-    files = []
-    for root, _, names in os.walk(os.path.join(step_dir, "state")):
-        files += [os.path.join(root, n) for n in names if os.sep + "d" + os.sep in os.path.join(root, n) + os.sep
-                  or root.endswith(os.sep + "d")]
+    """The state's array data files (OCDBT keeps them in .../d/), smallest first."""
+    files = [os.path.join(root, n) for root, _, names in os.walk(os.path.join(step_dir, "state"))
+             if os.path.basename(root) == "d" for n in names]
+    assert files, os.listdir(os.path.join(step_dir, "state"))
     return sorted(files, key=os.path.getsize)
 
 

@@ -39,11 +39,12 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     )
 
 
-def _flatten_config(d: Any, prefix: str = "config") -> dict[str, Any]:
+def flatten_config(d: Any, prefix: str = "config") -> dict[str, Any]:
+    """{"config.a.b": value} of a nested config dict (tuples as lists)."""
     if isinstance(d, dict):
         out = {}
         for k, v in d.items():
-            out.update(_flatten_config(v, f"{prefix}.{k}"))
+            out.update(flatten_config(v, f"{prefix}.{k}"))
         return out
     return {prefix: list(d) if isinstance(d, tuple) else d}
 
@@ -53,7 +54,7 @@ def compat_record(config, params: Any) -> dict:
     leaves, _ = jax.tree_util.tree_flatten_with_path(params)
     return {
         "params": sorted([parallel.path_str(p), list(x.shape), str(x.dtype)] for p, x in leaves),
-        "config": {k: v for k, v in _flatten_config(config.to_dict()).items()
+        "config": {k: v for k, v in flatten_config(config.to_dict()).items()
                    if k.startswith(("config.model.", "config.loss.kind", "config.data.tokenizer", "config.data.vocab_size",
                                      "config.train.freeze", "config.optim.lr_rules"))},
     }
@@ -154,11 +155,14 @@ def read_compat(mgr: ocp.CheckpointManager, step: int) -> dict:
     return read_records(mgr, step)[0]
 
 
-def restore(mgr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+def restore(mgr: ocp.CheckpointManager, step: int, abstract_state: Any,
+            integrity: dict | None = None) -> tuple[Any, dict]:
     """Restores and verifies (state, data_state) of ``step``; ``abstract_state``
     carries shapes and shardings (another device count than the writer's is
-    fine). Raises DamagedCheckpoint naming what does not match."""
-    _, integrity = read_records(mgr, step)
+    fine); ``integrity``: the step's record if already read. Raises
+    DamagedCheckpoint naming what does not match."""
+    if integrity is None:
+        _, integrity = read_records(mgr, step)
     target = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if hasattr(x, "sharding") else x,
         abstract_state,
@@ -203,9 +207,9 @@ def restore_latest(mgr: ocp.CheckpointManager, workdir: str, abstract_state: Any
     reported on stderr, moved aside, and the one before it is tried."""
     for step in sorted(mgr.all_steps(), reverse=True):
         try:
-            compat, _ = read_records(mgr, step)
+            compat, integrity = read_records(mgr, step)
             check(compat, step)
-            state, data = restore(mgr, step, abstract_state)
+            state, data = restore(mgr, step, abstract_state, integrity)
             return step, state, data
         except DamagedCheckpoint as e:
             dst = move_aside(mgr, workdir, step)

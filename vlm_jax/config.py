@@ -8,7 +8,6 @@ an error that names it (with a suggestion), never a silently ignored value.
 from __future__ import annotations
 
 import ast
-import difflib
 import importlib.util
 import math
 import os
@@ -18,7 +17,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from vlm_jax import evaluators, losses, models, objectives
-from vlm_jax.errors import ConfigError, require
+from vlm_jax.errors import ConfigError, require, unknown_field
 
 ConfigDict = ml_collections.ConfigDict
 eval_entry = evaluators.entry  # config files: config.evals.<name> = eval_entry("zeroshot", splits=(...), ...)
@@ -27,13 +26,13 @@ __all__ = ["ConfigDict", "ConfigError", "base_config", "eval_entry", "load_confi
            "check_config", "check_against_mesh"]
 
 
-def _objective_fields() -> dict[str, Any]:
-    """The config.loss fields the objectives add, with their defaults."""
-    fields: dict[str, Any] = {}
-    for kind, cls in objectives.OBJECTIVES.items():
+def _declared_fields(mapping: dict[str, Any], section: str, **fields: Any) -> dict[str, Any]:
+    """``fields`` plus the union of the ``CONFIG`` fields each entry of
+    ``mapping`` (objectives, towers) declares for ``config.<section>``."""
+    for name, cls in mapping.items():
         for key, value in cls.CONFIG.items():
             if key in fields and fields[key] != value:
-                raise ValueError(f"objective {kind!r} redefines config.loss.{key} with another default")
+                raise ValueError(f"{name!r} redefines config.{section}.{key} with another default")
             fields[key] = value
     return fields
 
@@ -66,15 +65,15 @@ def base_config() -> ConfigDict:
     c.model.param_dtype = "float32"  # storage dtype of the parameters ("bfloat16" halves them); log_t, b stay float32
     c.model.remat = "none"  # "none" | "full" | "dots" | "dots_with_batch": recompute block activations
     c.model.scan = False  # nn.scan over the blocks of each tower
-    c.model.image = ConfigDict(models.tower_fields(models.IMAGE_TOWERS, "vit"))  # the tower and its fields
-    c.model.text = ConfigDict(models.tower_fields(models.TEXT_TOWERS, "transformer"))
+    c.model.image = ConfigDict(_declared_fields(models.IMAGE_TOWERS, "model.image", tower="vit"))  # the tower, its fields
+    c.model.text = ConfigDict(_declared_fields(models.TEXT_TOWERS, "model.text", tower="transformer"))
 
     c.loss = ConfigDict()
     c.loss.kind = "softmax"  # a key of vlm_jax.objectives.OBJECTIVES: softmax (CLIP), sigmoid (SigLIP), unicl, slip, filip
     c.loss.impl = "all_gather"  # "all_gather" | "ring" | "tiled" (see docs/losses.md)
     c.loss.tile = 0  # impl="tiled": rows and columns per tile, dividing the per-device batch; 0 = automatic
     c.loss.log_t_init = math.log(1 / 0.07)
-    c.loss.update(_objective_fields())  # each objective's own fields (sigmoid: bias_init; slip: ssl_*)
+    c.loss.update(_declared_fields(objectives.OBJECTIVES, "loss"))  # each objective's own (sigmoid: bias_init; slip: ssl_*)
 
     c.mesh = ConfigDict()
     c.mesh.data = -1  # devices on the data axis; -1 = all the fsdp axis leaves
@@ -131,21 +130,15 @@ def base_config() -> ConfigDict:
 # --------------------------------------------------------------------------- loading
 
 
-def _unknown(path: str, key: str, options: Sequence[str]) -> ConfigError:
-    guess = difflib.get_close_matches(key, list(options), n=1)
-    hint = f"; did you mean {guess[0]!r}?" if guess else f"; known fields: {sorted(options)}"
-    return ConfigError(f"unknown config field {path!r}{hint}")
-
-
 def _resolve(config: ConfigDict, dotted: str) -> tuple[ConfigDict, str]:
     parts = dotted.split(".")
     node, walked = config, "config"
     for p in parts[:-1]:
         if not isinstance(node, ConfigDict) or p not in node:
-            raise _unknown(f"{walked}.{p}", p, node.keys() if isinstance(node, ConfigDict) else [])
+            raise unknown_field(f"{walked}.{p}", p, node.keys() if isinstance(node, ConfigDict) else [])
         node, walked = node[p], f"{walked}.{p}"
     if not isinstance(node, ConfigDict) or parts[-1] not in node:
-        raise _unknown(f"config.{dotted}", parts[-1], node.keys() if isinstance(node, ConfigDict) else [])
+        raise unknown_field(f"config.{dotted}", parts[-1], node.keys() if isinstance(node, ConfigDict) else [])
     return node, parts[-1]
 
 
@@ -221,7 +214,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
 def _check_schema(config: ConfigDict, schema: ConfigDict, prefix: str) -> None:
     for key in config.keys():
         if key not in schema:
-            raise _unknown(f"{prefix}.{key}", key, schema.keys())
+            raise unknown_field(f"{prefix}.{key}", key, schema.keys())
         if prefix == "config" and key == "evals":  # entries are checked against their kind's fields
             continue
         if isinstance(schema[key], ConfigDict):

@@ -6,6 +6,9 @@ the command-line entry points print it as a single ``error:`` line.
 
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 
 class ConfigError(ValueError):
     """A mistake in the config or its inputs, named by its field."""
@@ -15,6 +18,14 @@ def first_line(e: BaseException) -> str:
     """'Type: first line of the message' of an exception, for one-line reports."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def unknown_field(path: str, key: str, options: Iterable[str]) -> ConfigError:
+    """'unknown config field <path>' with the closest known field, or all of them."""
+    options = list(options)
+    guess = difflib.get_close_matches(key, options, n=1)
+    hint = f"; did you mean {guess[0]!r}?" if guess else f"; known fields: {sorted(options)}"
+    return ConfigError(f"unknown config field {path!r}{hint}")
 
 
 def require(cond: bool, field: str, message: str) -> None:

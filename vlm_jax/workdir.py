@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from vlm_jax.checkpoint import flatten_config
 from vlm_jax.errors import ConfigError
 
 LOCK_NAME = ".lock"
@@ -101,15 +102,6 @@ def run_lock(workdir: str):
             lock.__exit__(None, None, None)
 
 
-def _flatten(d: Any, prefix: str = "config") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}"))
-        return out
-    return {prefix: list(d) if isinstance(d, tuple) else d}
-
-
 def read_history(workdir: str) -> list[dict]:
     path = os.path.join(workdir, HISTORY_NAME)
     if not os.path.exists(path):
@@ -120,7 +112,7 @@ def read_history(workdir: str) -> list[dict]:
 
 def changed_fields(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     """{field: (old, new)} of the computation-changing fields that differ."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten_config(old), flatten_config(new)
     out = {}
     for key in sorted(set(a) | set(b)):
         if key.startswith(FREE_TO_CHANGE) or key in FREE_TO_CHANGE:
@@ -156,7 +148,7 @@ def record_config(workdir: str, config: dict, step: int, changes: dict) -> None:
     whenever a run starts with another config than the last one."""
     config = json.loads(json.dumps(config, default=list))
     history = read_history(workdir)
-    if not history or _flatten(history[-1]["config"]) != _flatten(config):
+    if not history or flatten_config(history[-1]["config"]) != flatten_config(config):
         entry = {"step": step, "config": config}
         if changes:
             entry["changes"] = {k: [a, b] for k, (a, b) in changes.items()}

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from vlm_jax import parallel
 from vlm_jax.data import pipeline, tokenizers
-from vlm_jax.errors import ConfigError, require
+from vlm_jax.errors import ConfigError, require, unknown_field
 
 Metrics = dict[str, float]
 
@@ -254,10 +254,6 @@ class Evaluator(abc.ABC):
 
 
 def check_entry_fields(entry, fields: Mapping[str, Any], field: str) -> None:
-    import difflib
-
     for key in entry.keys():
         if key not in fields:
-            guess = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"; did you mean {guess[0]!r}?" if guess else f"; known fields: {sorted(fields)}"
-            raise ConfigError(f"unknown config field 'config.{field}.{key}'{hint}")
+            raise unknown_field(f"config.{field}.{key}", key, fields)

@@ -21,17 +21,6 @@ TEXT_TOWERS: dict[str, Any] = {
 }
 
 
-def tower_fields(mapping: dict[str, Any], default: str) -> dict[str, Any]:
-    """``tower`` plus the union of the towers' own fields (config.model.image / .text)."""
-    fields: dict[str, Any] = {"tower": default}
-    for name, cls in mapping.items():
-        for key, value in cls.CONFIG.items():
-            if key in fields and fields[key] != value:
-                raise ValueError(f"tower {name!r} redefines the default of field {key!r}")
-            fields[key] = value
-    return fields
-
-
 def check(config) -> None:
     """Config-time checks: the towers are known, and their own checks."""
     for section, mapping in (("image", IMAGE_TOWERS), ("text", TEXT_TOWERS)):

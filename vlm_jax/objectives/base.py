@@ -27,6 +27,7 @@ pipeline, model construction, config checks and the train step ask the object.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, Callable, ClassVar
 
@@ -46,7 +47,7 @@ Outputs = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Objective:
+class Objective(abc.ABC):
     """Base class; see the module docstring for the contract."""
 
     loss: ml_collections.FrozenConfigDict  # config.loss
@@ -68,11 +69,13 @@ class Objective:
     def scalars(self, params) -> dict[str, jax.Array]:
         return {name: params[name] for name in self.scalar_names}
 
+    @abc.abstractmethod
     def encode(self, params, batch: Batch) -> Outputs:
-        raise NotImplementedError
+        """Per-example outputs of the batch (leading batch axis)."""
 
+    @abc.abstractmethod
     def combine(self, outputs: Outputs, scalars: dict[str, jax.Array], batch: Batch) -> tuple[jax.Array, dict]:
-        raise NotImplementedError
+        """(loss over the whole global batch, metrics) from ``encode``'s outputs."""
 
     def embedder(self) -> Embedder:
         return PooledEmbedder(self.model)
