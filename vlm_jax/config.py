@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from vlm_jax import evaluators, losses, models, objectives
+from vlm_jax.data import images, tokenizers
 from vlm_jax.errors import ConfigError, require, unknown_field
 
 ConfigDict = ml_collections.ConfigDict
@@ -51,11 +52,21 @@ def base_config() -> ConfigDict:
     c.data.text_key = "caption"
     c.data.label_key = "label"  # ClassLabel feature (UniCL's labels; zero-shot's by default; "" for none)
     c.data.image_size = 32
-    c.data.tokenizer = "sentencepiece"  # "sentencepiece" | "bytes"
+    c.data.tokenizer = "sentencepiece"  # "sentencepiece" (.model) | "tokenizer_json" (tokenizer.json) | "bytes"
     c.data.tokenizer_path = ""  # "" with the embedded dataset: the model fitted beside it
     c.data.vocab_size = 128  # only used when fitting the embedded dataset's tokenizer
+    # Images (vlm_jax.data.images): decoded from any mode to RGB uint8; evaluation
+    # resizes the shorter side and centre-crops; training crops a random window
+    # whose area fraction and aspect ratio (w/h) lie in these ranges (the field's
+    # RandomResizedCrop / Inception crop: (0.08, 1) or (0.9, 1), (3/4, 4/3));
+    # (1, 1) and (1, 1) make it the evaluation crop.
+    c.data.crop_area = (1.0, 1.0)
+    c.data.crop_ratio = (1.0, 1.0)
+    c.data.flip = False  # training: mirror left-right with probability 1/2
+    c.data.resample = "area"  # "area" | "bilinear" | "bicubic"
     c.data.num_threads = 2
     c.data.prefetch = 4
+    c.data.workers = 0  # decoding processes (grain multiprocessing); 0 = threads of the training process
 
     c.model = ConfigDict()
     c.model.embed_dim = 64
@@ -241,7 +252,7 @@ def check_config(config: ConfigDict) -> None:
             f"must be 'stop' or 'skip', got {config.train.nonfinite!r}")
     require(config.train.max_skipped >= 0, "train.max_skipped", "must be 0 or positive")
     require(config.train.eval_every >= 0, "train.eval_every", "must be 0 (no evaluation) or positive")
-    require(config.data.tokenizer in ("sentencepiece", "bytes"), "data.tokenizer", f"must be 'sentencepiece' or 'bytes', got {config.data.tokenizer!r}")
+    _check_data(config.data)
     models.check(config)
     require(config.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {config.model.dtype!r}")
     require(config.model.param_dtype in ("float32", "bfloat16"), "model.param_dtype",
@@ -267,6 +278,17 @@ def check_config(config: ConfigDict) -> None:
     require(not config.model_init.workdir or bool(config.model_init.rules), "model_init.rules",
              "name which parameters to load from model_init.workdir")
     evaluators.check(config)
+
+
+def _check_data(data: ConfigDict) -> None:
+    require(data.tokenizer in tokenizers.KINDS, "data.tokenizer", f"must be one of {tokenizers.KINDS}, got {data.tokenizer!r}")
+    require(data.resample in images.RESAMPLE, "data.resample", f"must be one of {tuple(images.RESAMPLE)}, got {data.resample!r}")
+    for field, top in (("crop_area", 1.0), ("crop_ratio", None)):
+        r = data[field]
+        ok = isinstance(r, (tuple, list)) and len(r) == 2 and all(isinstance(v, (int, float)) for v in r)
+        ok = ok and 0 < r[0] <= r[1] and (top is None or r[1] <= top)
+        require(ok, f"data.{field}", f"must be (low, high) with 0 < low <= high{' <= 1' if top else ''}, got {r!r}")
+    require(data.workers >= 0, "data.workers", "must be 0 (threads only) or a number of processes")
 
 
 def check_against_mesh(config: ConfigDict, num_data_devices: int) -> None:

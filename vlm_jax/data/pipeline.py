@@ -8,8 +8,13 @@ global batch (``global_batch / process_count`` examples), and the global order
 does not depend on the number of processes; the train loop assembles the global
 array with ``jax.make_array_from_process_local_data``.
 
-Images stay uint8 until they reach the device (a quarter of the bytes to copy);
-``normalize_images`` runs inside the jitted step.
+Images are decoded here (``images.decode_rgb``: any mode to RGB), cropped
+(``images.train_view`` / ``eval_view``) and stay uint8 until they reach the
+device (a quarter of the bytes to copy); ``normalize_images`` runs inside the
+jitted step. Every random choice (crop window, flip, which of an image's
+captions) draws from a generator seeded by (seed, position in the stream), so
+a resumed run, or a run with more processes or decoding workers, sees the
+same examples. ``config.data.workers`` > 0 decodes in that many processes.
 """
 
 from __future__ import annotations
@@ -20,9 +25,8 @@ from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
-from PIL import Image
 
-from vlm_jax.data import shapes_tfds, tokenizers
+from vlm_jax.data import images, shapes_tfds, tokenizers
 
 # Datasets this library generates itself, once, into config.data.data_dir
 # (nothing is downloaded): name -> a module with ``prepare(data_dir,
@@ -80,16 +84,22 @@ def open_dataset(data_cfg, tokenizer: tokenizers.Tokenizer | None = None) -> Dat
                 f"{data_dir!r}; prepare it there first (this library never downloads)"
             )
     if tokenizer is None:
-        if data_cfg.tokenizer == "sentencepiece" and tok_path and not os.path.isfile(os.path.expanduser(tok_path)):
-            raise ValueError(f"config.data.tokenizer_path: no SentencePiece model at {tok_path!r}")
+        if tok_path and not os.path.isfile(os.path.expanduser(tok_path)):
+            raise ValueError(f"config.data.tokenizer_path: no {data_cfg.tokenizer} file at {tok_path!r}")
         tokenizer = tokenizers.make_tokenizer(data_cfg.tokenizer, tok_path and os.path.expanduser(tok_path))
-    sources = builder.as_data_source()
+    features = builder.info.features
     for key in (data_cfg.image_key, data_cfg.text_key):
-        if key not in builder.info.features:
+        if key not in features:
             raise ValueError(
                 f"config.data: feature {key!r} not in dataset {data_cfg.dataset!r} "
-                f"(features: {sorted(builder.info.features)})"
+                f"(features: {sorted(features)})"
             )
+    # Encoded images reach our decoder as bytes (every mode handled alike).
+    import tensorflow_datasets as tfds
+
+    decoders = ({data_cfg.image_key: tfds.decode.SkipDecoding()}
+                if isinstance(features[data_cfg.image_key], tfds.features.Image) else None)
+    sources = builder.as_data_source(decoders=decoders)
     ds = Dataset(dict(sources), tokenizer, None, builder.info.features)
     ds.class_names = ds.class_names_of(data_cfg.label_key) if data_cfg.label_key else None
     return ds
@@ -99,18 +109,6 @@ def _split(ds: Dataset, name: str, field: str):
     if name not in ds.sources:
         raise ValueError(f"{field}: split {name!r} not in the dataset (splits: {sorted(ds.sources)})")
     return ds.sources[name]
-
-
-def resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
-    """Resizes an HxWx3 uint8 image to size x size (block mean when it divides)."""
-    h, w = image.shape[:2]
-    if (h, w) == (size, size):
-        return image
-    if h == w and h % size == 0:
-        f = h // size
-        pooled = image.reshape(size, f, size, f, 3).astype(np.float32).mean(axis=(1, 3))
-        return np.round(pooled).astype(np.uint8)
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
 def normalize_images(images):
@@ -127,19 +125,39 @@ def _text(value) -> str:
 EXAMPLE_FIELDS = {"label": "label_key"}
 
 
-class _Preprocess(grain.transforms.Map):
-    def __init__(self, data_cfg, tok: tokenizers.Tokenizer, text_len: int, fields: Sequence[str] = ()):
+def _captions(value) -> list:
+    """A caption feature's value as a list: one Text, or a Sequence of them."""
+    if isinstance(value, (bytes, str)):
+        return [value]
+    return list(value)
+
+
+class _Preprocess(grain.transforms.RandomMap):
+    """Decode, crop and tokenize one example: the training view (random
+    window, flip, one of its captions at random) or, with ``train=False``,
+    the evaluation view (centre crop, first caption)."""
+
+    def __init__(self, data_cfg, tok: tokenizers.Tokenizer, text_len: int, fields: Sequence[str] = (),
+                 train: bool = True):
         self._cfg = data_cfg
         self._tok = tok
         self._len = text_len
         self._fields = tuple(fields)
+        self._train = train
 
-    def map(self, ex):
-        image = resize_uint8(np.asarray(ex[self._cfg.image_key]), self._cfg.image_size)
-        tokens = tokenizers.tokenize(self._tok, [_text(ex[self._cfg.text_key])], self._len)[0]
-        out = {"image": image, "text": tokens}
+    def random_map(self, ex, rng: np.random.Generator):
+        cfg = self._cfg
+        image = images.decode_rgb(ex[cfg.image_key])
+        captions = _captions(ex[cfg.text_key])
+        if self._train:
+            image = images.train_view(image, cfg.image_size, rng, cfg.crop_area, cfg.crop_ratio, cfg.flip, cfg.resample)
+            caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
+        else:
+            image = images.eval_view(image, cfg.image_size, cfg.resample)
+            caption = captions[0]
+        out = {"image": image, "text": tokenizers.tokenize(self._tok, [_text(caption)], self._len)[0]}
         for field in self._fields:
-            out[field] = np.int32(ex[self._cfg[EXAMPLE_FIELDS[field]]])
+            out[field] = np.int32(ex[cfg[EXAMPLE_FIELDS[field]]])
         return out
 
 
@@ -179,31 +197,37 @@ def train_dataset(ds: Dataset, data_cfg, text_len: int, global_batch: int, seed:
     # slice of it. Random access means only those rows are ever decoded here.
     stream = (
         grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-        .map(_Preprocess(data_cfg, ds.tokenizer, text_len, fields))
+        .random_map(_Preprocess(data_cfg, ds.tokenizer, text_len, fields), seed=seed + 2)
     )
     if augment is not None:
         stream = stream.random_map(_Augment(augment), seed=seed + 1)
-    return (
+    batches = (
         stream.batch(local_batch, drop_remainder=True)[process_index::process_count]
         .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
     )
+    if data_cfg.workers:
+        # Worker w decodes batches w, w + W, ...; grain interleaves them back in
+        # order, and the iterator state (a checkpoint's data record) covers them.
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
+    return batches
 
 
 def load_split(ds: Dataset, data_cfg, split: str, text_len: int, max_examples: int,
                field: str = "config.evals") -> dict[str, np.ndarray]:
     """The first ``max_examples`` of a split in memory: "image" (uint8,
-    resized), "text" (tokens), "caption" (strings) and every scalar feature
+    the evaluation crop), "text" (tokens of the first caption), "caption"
+    (the first caption of each) and every scalar feature
     of the dataset under its own name (labels, flags). ``field`` names the
     config field that chose the split, for the error."""
     source = _split(ds, split, field)
     n = min(len(source), max_examples)
-    prep = _Preprocess(data_cfg, ds.tokenizer, text_len)
+    prep = _Preprocess(data_cfg, ds.tokenizer, text_len, train=False)
     rows = [source[i] for i in range(n)]
-    processed = [prep.map(r) for r in rows]
+    processed = [prep.random_map(r, None) for r in rows]
     out = {
         "image": np.stack([p["image"] for p in processed]),
         "text": np.stack([p["text"] for p in processed]),
-        "caption": np.asarray([_text(r[data_cfg.text_key]) for r in rows]),
+        "caption": np.asarray([_text(_captions(r[data_cfg.text_key])[0]) for r in rows]),
     }
     for key, value in rows[0].items():
         if key not in out and key not in (data_cfg.image_key, data_cfg.text_key) and np.ndim(value) == 0:

@@ -1,12 +1,21 @@
-"""Tokenizers: SentencePiece (any model file) and a byte-level fallback.
+"""Tokenizers: SentencePiece model files, ``tokenizer.json`` files (the
+``tokenizers`` package: CLIP's BPE, BERT WordPiece, ...), and bytes.
 
-Both map a string to a fixed-length int32 vector: ids, then EOS, then PAD (0)
-up to ``max_len``; a caption too long for the context keeps EOS in the last
-slot so that EOS pooling always finds it.
+Each maps a string to a fixed-length int32 vector: the tokenizer's own
+leading special tokens (``prefix``: CLIP's start-of-text, BERT's [CLS]), the
+ids, its trailing ones (``suffix``: EOS / [SEP]), then PAD up to ``max_len``.
+A caption too long for the context is cut before the suffix, so the suffix
+(EOS) always survives and EOS pooling always finds it.
+
+Padding is id 0 everywhere (the text tower masks id 0). A vocabulary whose
+id 0 is a real token (CLIP's "!", SentencePiece's <unk>) is shifted up by one
+(``vocab_size`` grows by one); a published embedding table then maps to rows
+1.. of ours, and row 0 is never read.
 """
 
 from __future__ import annotations
 
+import html
 import io
 import os
 from typing import Iterable, Protocol
@@ -19,6 +28,8 @@ PAD_ID = 0
 class Tokenizer(Protocol):
     vocab_size: int
     eos_id: int
+    prefix: tuple[int, ...]  # ids before the text (BOS / [CLS]); () for none
+    suffix: tuple[int, ...]  # ids after it (EOS / [SEP])
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -42,6 +53,7 @@ class SentencePieceTokenizer:
             self._offset = 0
         if self.eos_id < self._offset:
             raise ValueError(f"SentencePiece model {model_path!r} has no EOS piece")
+        self.prefix, self.suffix = (), (self.eos_id,)
 
     def encode(self, text: str) -> list[int]:
         return [i + self._offset for i in self._sp.encode(text)]
@@ -52,25 +64,93 @@ class ByteTokenizer:
 
     vocab_size = 258
     eos_id = 1
+    prefix, suffix = (), (1,)
 
     def encode(self, text: str) -> list[int]:
         return [b + 2 for b in text.encode("utf-8")]
 
 
+_PAD_NAMES = ("[pad]", "<pad>", "<|pad|>", "<|padding|>")
+
+
+def clean_text(text: str) -> str:
+    """The cleaning CLIP-style tokenizers expect before their own normaliser:
+    HTML entities unescaped (twice, as scraped alt-text is often double-
+    escaped), runs of whitespace collapsed, ends stripped."""
+    return " ".join(html.unescape(html.unescape(text)).split())
+
+
+class JsonTokenizer:
+    """A ``tokenizer.json`` file read by the ``tokenizers`` package.
+
+    Its own normaliser (lower-casing, accent stripping, NFC...) and
+    pre-tokeniser run as the file says, after ``clean_text``. The special
+    tokens its post-processor puts around a text become ``prefix`` and
+    ``suffix`` (CLIP: <|startoftext|> … <|endoftext|>; BERT: [CLS] … [SEP]).
+    Ids shift up by one unless the file's id 0 is a padding token."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as _HF
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config.data.tokenizer_path: no tokenizer.json at {path!r}")
+        try:
+            tok = _HF.from_file(path)
+        except Exception as e:  # the Rust loader raises a bare Exception for a malformed file
+            raise ValueError(f"config.data.tokenizer_path: {path!r} is not a tokenizer.json file ({e})") from None
+        tok.no_padding()
+        tok.no_truncation()
+        self._tok = tok
+        zero = tok.id_to_token(0)
+        self._offset = 0 if zero is not None and zero.lower() in _PAD_NAMES else 1
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True) + self._offset
+        marker = "a"
+        bare = tok.encode(marker, add_special_tokens=False).ids
+        full = tok.encode(marker, add_special_tokens=True).ids
+        start = next((i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare), None)
+        if start is None:
+            raise ValueError(f"config.data.tokenizer_path: {path!r}: cannot locate the text between its special tokens")
+        self.prefix = tuple(i + self._offset for i in full[:start])
+        self.suffix = tuple(i + self._offset for i in full[start + len(bare):])
+        # EOS: the last trailing special token, else the file's end-of-text token.
+        eos = self.suffix[-1] if self.suffix else None
+        if eos is None:
+            for name in ("<|endoftext|>", "</s>", "[SEP]", "<eos>"):
+                if tok.token_to_id(name) is not None:
+                    eos = tok.token_to_id(name) + self._offset
+                    break
+        if eos is None:
+            raise ValueError(f"config.data.tokenizer_path: {path!r} defines no end-of-text token")
+        self.eos_id = eos
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tok.encode(clean_text(text), add_special_tokens=False).ids
+        return [i + self._offset for i in ids]
+
+
+KINDS = ("sentencepiece", "tokenizer_json", "bytes")
+
+
 def make_tokenizer(kind: str, path: str | None) -> Tokenizer:
+    if kind in ("sentencepiece", "tokenizer_json") and not path:
+        raise ValueError(f"config.data.tokenizer_path must name a file for config.data.tokenizer={kind!r}")
     if kind == "sentencepiece":
-        if not path:
-            raise ValueError("config.data.tokenizer_path must name a SentencePiece model file")
         return SentencePieceTokenizer(path)
+    if kind == "tokenizer_json":
+        return JsonTokenizer(path)
     if kind == "bytes":
         return ByteTokenizer()
-    raise ValueError(f"config.data.tokenizer must be 'sentencepiece' or 'bytes', got {kind!r}")
+    raise ValueError(f"config.data.tokenizer must be one of {KINDS}, got {kind!r}")
 
 
 def tokenize(tok: Tokenizer, texts: Iterable[str], max_len: int) -> np.ndarray:
+    """Fixed-length rows: prefix, ids (cut to fit), suffix, then PAD_ID."""
+    room = max_len - len(tok.prefix) - len(tok.suffix)
+    if room < 0:
+        raise ValueError(f"config.model.text.max_len={max_len} cannot hold the tokenizer's special tokens")
     rows = []
     for t in texts:
-        ids = tok.encode(t)[: max_len - 1] + [tok.eos_id]
+        ids = [*tok.prefix, *tok.encode(t)[:room], *tok.suffix]
         rows.append(ids + [PAD_ID] * (max_len - len(ids)))
     return np.asarray(rows, dtype=np.int32).reshape(-1, max_len)
 

@@ -1,0 +1,183 @@
+"""Images: decoding of any mode to RGB uint8, and the field's crops.
+
+Everything here is NumPy + PIL on the host and returns ``uint8`` arrays; images
+stay uint8 until the device (``pipeline.normalize_images`` runs in the step).
+
+* ``decode_rgb`` takes encoded bytes (JPEG, PNG, WebP, GIF, BMP, TIFF: what PIL
+  reads) or an array, in any mode: grayscale, bilevel, palette (with or
+  without transparency), RGBA/LA (alpha dropped, as open_clip's
+  ``convert("RGB")`` and big_vision's 3-channel decode do), CMYK/YCbCr, and
+  16/32-bit integer images (scaled to 8 bits, not clipped). A file that is
+  not an image raises ``ImageError("undecodable")``; one that ends early or
+  whose data is corrupt raises ``ImageError("truncated")``.
+* ``crop_resize`` is the one crop: a window of the image resized to
+  ``size × size``. ``random_window`` draws the window the way torchvision's
+  RandomResizedCrop and the Inception crop do (area fraction and log aspect
+  ratio uniform in configured ranges, ten tries, then the largest centred
+  window whose ratio is in range); ``centre_window`` is the evaluation
+  convention (the centred square of side = the shorter side, i.e. resize the
+  shorter side then centre-crop). With ``area = ratio = (1, 1)`` the random
+  window is the centred square too, so training and evaluation preprocess alike.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# PIL's default guard against decompression bombs is a warning at 89 Mpx and
+# an error at 179 Mpx; we treat both as "undecodable" rather than let a
+# hostile file stall a worker.
+_MAX_PIXELS = 178_956_970
+
+RESAMPLE = {
+    "area": Image.BOX,  # pixel-area average; an integer reduction is an exact block mean
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+}
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; ``reason`` is "undecodable" or "truncated"."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason} image: {detail}")
+        self.reason = reason
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Opens and fully decodes encoded bytes (so truncation shows here, not later)."""
+    if not data:
+        raise ImageError("undecodable", "zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > _MAX_PIXELS:
+                raise ImageError("undecodable", f"{img.width}x{img.height} exceeds {_MAX_PIXELS} pixels")
+            img.load()
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError("undecodable", str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL's ways of saying "ends early / corrupt"
+        raise ImageError("truncated", str(e) or type(e).__name__) from None
+    return img
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL mode -> H×W×3 uint8."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img)
+        bits = 16 if img.mode.startswith("I;16") or a.max(initial=0) <= 0xFFFF else 32
+        a = (np.clip(a.astype(np.int64), 0, (1 << bits) - 1) >> (bits - 8)).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=-1)
+    if img.mode == "F":  # float images: [0, 1] if that is their range, else [0, 255]
+        a = np.asarray(img, dtype=np.float32)
+        a = a * 255.0 if a.max(initial=0.0) <= 1.0 else a
+        return np.repeat(np.round(np.clip(a, 0, 255)).astype(np.uint8)[..., None], 3, axis=-1)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL's documented route for palette transparency
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def array_to_rgb(a: np.ndarray) -> np.ndarray:
+    """H×W, H×W×1, H×W×3 or H×W×4 array (uint8 or uint16) -> H×W×3 uint8."""
+    a = np.asarray(a)
+    if a.dtype == np.uint16:
+        a = (a >> 8).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ImageError("undecodable", f"array of dtype {a.dtype}; expected uint8 or uint16")
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
+        raise ImageError("undecodable", f"array of shape {a.shape}; expected H×W[×1|3|4]")
+    if a.shape[-1] == 1:
+        return np.repeat(a, 3, axis=-1)
+    return a[..., :3]
+
+
+def decode_rgb(value) -> np.ndarray:
+    """Encoded bytes or an array -> H×W×3 uint8."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return to_rgb(open_image(bytes(value)))
+    return array_to_rgb(value)
+
+
+Window = tuple[int, int, int, int]  # top, left, height, width
+
+
+def centre_window(h: int, w: int) -> Window:
+    """The centred square of side min(h, w)."""
+    s = min(h, w)
+    return (h - s) // 2, (w - s) // 2, s, s
+
+
+def random_window(h: int, w: int, rng: np.random.Generator, area: Sequence[float],
+                  ratio: Sequence[float], tries: int = 10) -> Window:
+    """A window of area fraction in ``area`` and aspect (w/h) in ``ratio``."""
+    lo, hi = float(area[0]), float(area[1])
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(tries):
+        target = h * w * rng.uniform(lo, hi)
+        aspect = math.exp(rng.uniform(*log_r))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    # Fallback: the whole image, narrowed to the nearest allowed aspect ratio.
+    r = w / h
+    if r < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif r > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        ch, cw = h, w
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def _block_mean(a: np.ndarray, size: int) -> np.ndarray:
+    f = a.shape[0] // size
+    pooled = a.reshape(size, f, size, f, 3).astype(np.float32).mean(axis=(1, 3))
+    return np.round(pooled).astype(np.uint8)
+
+
+def crop_resize(image: np.ndarray, window: Window, size: int, resample: str = "area") -> np.ndarray:
+    """``image[window]`` resized to size × size (H×W×3 uint8 in and out).
+
+    "area" averages the pixels each output pixel covers; a square window
+    reduced by an integer factor is an exact block mean (computed in float,
+    rounded once)."""
+    top, left, ch, cw = window
+    if (top, left, ch, cw) == (0, 0, *image.shape[:2]) and ch == cw:
+        if ch == size:
+            return image
+        if resample == "area" and ch % size == 0:
+            return _block_mean(image, size)
+    box = (left, top, left + cw, top + ch)
+    return np.asarray(Image.fromarray(image).resize((size, size), RESAMPLE[resample], box=box))
+
+
+def train_view(image: np.ndarray, size: int, rng: np.random.Generator, area: Sequence[float],
+               ratio: Sequence[float], flip: bool, resample: str = "area") -> np.ndarray:
+    """The training crop: a random window resized to ``size``, flipped left–right
+    with probability 1/2 when ``flip``."""
+    h, w = image.shape[:2]
+    if tuple(area) == (1.0, 1.0) and tuple(ratio) == (1.0, 1.0):
+        window = centre_window(h, w)  # the deterministic case draws nothing
+    else:
+        window = random_window(h, w, rng, area, ratio)
+    out = crop_resize(image, window, size, resample)
+    if flip and rng.random() < 0.5:
+        out = np.ascontiguousarray(out[:, ::-1])
+    return out
+
+
+def eval_view(image: np.ndarray, size: int, resample: str = "area") -> np.ndarray:
+    """The evaluation crop: shorter side resized to ``size``, centre crop."""
+    return crop_resize(image, centre_window(*image.shape[:2]), size, resample)
