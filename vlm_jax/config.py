@@ -53,7 +53,7 @@ def base_config() -> ConfigDict:
     c.data.label_key = "label"  # ClassLabel feature (UniCL's labels; zero-shot's by default; "" for none)
     c.data.image_size = 32
     c.data.tokenizer = "sentencepiece"  # "sentencepiece" (.model) | "tokenizer_json" (tokenizer.json) | "bytes"
-    c.data.tokenizer_path = ""  # "" with the embedded dataset: the model fitted beside it
+    c.data.tokenizer_path = ""  # "": the SentencePiece model fitted beside the dataset (embedded; ingest --fit_tokenizer)
     c.data.vocab_size = 128  # only used when fitting the embedded dataset's tokenizer
     # Images (vlm_jax.data.images): decoded from any mode to RGB uint8; evaluation
     # resizes the shorter side and centre-crops; training crops a random window

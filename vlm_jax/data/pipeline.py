@@ -81,8 +81,12 @@ def open_dataset(data_cfg, tokenizer: tokenizers.Tokenizer | None = None) -> Dat
         if not builder.is_prepared():
             raise ValueError(
                 f"config.data.dataset: TFDS dataset {name!r} is not prepared in config.data.data_dir="
-                f"{data_dir!r}; prepare it there first (this library never downloads)"
+                f"{data_dir!r}; prepare it there first, or ingest your files with python -m vlm_jax.data.ingest "
+                f"(this library never downloads)"
             )
+        fitted = os.path.join(data_dir, data_cfg.dataset, "tokenizer.model")  # ingest --fit_tokenizer
+        if data_cfg.tokenizer == "sentencepiece" and not tok_path and os.path.isfile(fitted):
+            tok_path = fitted
     if tokenizer is None:
         if tok_path and not os.path.isfile(os.path.expanduser(tok_path)):
             raise ValueError(f"config.data.tokenizer_path: no {data_cfg.tokenizer} file at {tok_path!r}")

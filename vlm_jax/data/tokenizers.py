@@ -133,7 +133,8 @@ KINDS = ("sentencepiece", "tokenizer_json", "bytes")
 
 def make_tokenizer(kind: str, path: str | None) -> Tokenizer:
     if kind in ("sentencepiece", "tokenizer_json") and not path:
-        raise ValueError(f"config.data.tokenizer_path must name a file for config.data.tokenizer={kind!r}")
+        hint = " (or fit one with python -m vlm_jax.data.ingest --fit_tokenizer VOCAB)" if kind == "sentencepiece" else ""
+        raise ValueError(f"config.data.tokenizer_path must name a file for config.data.tokenizer={kind!r}{hint}")
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path)
     if kind == "tokenizer_json":
