@@ -106,3 +106,177 @@ def test_eval_split_loads_every_scalar_feature(data_dir):
     assert ds.class_names_of("single_class") is None
     single = [c for c, m in zip(split["caption"], split["single_class"]) if m]
     assert all(" of " not in c and "above" not in c and "below" not in c for c in single)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _encoded(img, fmt):
+    import io
+
+    out = io.BytesIO()
+    img.save(out, fmt)
+    return out.getvalue()
+
+
+def test_every_image_mode_decodes_to_rgb_uint8():
+    from PIL import Image
+
+    from vlm_jax.data import images
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8))
+    for mode in ("RGB", "L", "1", "P", "RGBA", "LA", "CMYK", "YCbCr"):
+        for fmt in ("PNG", "TIFF", "JPEG", "WEBP"):
+            try:
+                data = _encoded(rgb.convert(mode), fmt)
+            except OSError:  # the format cannot store the mode
+                continue
+            got = images.decode_rgb(data)
+            want = np.asarray(Image.open(__import__("io").BytesIO(data)).convert("RGB"))  # what open_clip feeds
+            assert got.dtype == np.uint8 and got.shape == (12, 20, 3), (mode, fmt)
+            np.testing.assert_array_equal(got, want, err_msg=f"{mode} {fmt}")
+    # 16-bit grayscale is scaled to 8 bits (PIL's own convert would saturate it at 255).
+    deep = rng.integers(0, 1 << 16, (12, 20)).astype(np.uint16)
+    got = images.decode_rgb(_encoded(Image.fromarray(deep), "PNG"))
+    np.testing.assert_array_equal(got, np.repeat((deep >> 8).astype(np.uint8)[..., None], 3, axis=-1))
+    # Arrays: H×W, H×W×1, H×W×4, uint16.
+    a = rng.integers(0, 256, (5, 6, 4), dtype=np.uint8)
+    np.testing.assert_array_equal(images.decode_rgb(a), a[..., :3])
+    np.testing.assert_array_equal(images.decode_rgb(a[..., 0]), np.repeat(a[..., :1], 3, axis=-1))
+    np.testing.assert_array_equal(images.decode_rgb(a.astype(np.uint16) << 8), a[..., :3])
+
+
+def test_broken_images_raise_with_their_reason():
+    from PIL import Image
+
+    from vlm_jax.data import images
+
+    jpeg = _encoded(Image.new("RGB", (40, 30), (200, 10, 10)), "JPEG")
+    for data, reason in [(jpeg[: len(jpeg) // 2], "truncated"), (b"", "undecodable"), (b"<html>", "undecodable")]:
+        with pytest.raises(images.ImageError) as e:
+            images.decode_rgb(data)
+        assert e.value.reason == reason
+
+
+def test_random_windows_stay_inside_with_area_and_ratio_in_range():
+    from vlm_jax.data import images
+
+    rng = np.random.default_rng(1)
+    for h, w in [(100, 100), (60, 200), (300, 40)]:
+        for area, ratio in [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.9, 1.0), (3 / 4, 4 / 3)), ((0.3, 0.5), (1.0, 1.0))]:
+            for _ in range(200):
+                top, left, ch, cw = images.random_window(h, w, rng, area, ratio)
+                assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w
+                if (ch, cw) != (h, w) and (top, left) != ((h - ch) // 2, (w - cw) // 2):  # not the fallback
+                    assert area[0] - 0.05 <= ch * cw / (h * w) <= area[1] + 0.05
+                    assert ratio[0] * 0.9 <= cw / ch <= ratio[1] * 1.1
+
+
+def test_the_deterministic_crop_is_the_eval_crop_and_area_resampling_is_a_block_mean():
+    from vlm_jax.data import images
+
+    rng = np.random.default_rng(2)
+    square = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    want = np.round(square.astype(np.float64).reshape(16, 4, 16, 4, 3).mean(axis=(1, 3))).astype(np.uint8)
+    np.testing.assert_array_equal(images.eval_view(square, 16), want)
+    wide = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    for resample in images.RESAMPLE:
+        ev = images.eval_view(wide, 16, resample)
+        np.testing.assert_array_equal(images.train_view(wide, 16, rng, (1, 1), (1, 1), False, resample), ev)
+        np.testing.assert_array_equal(ev, images.crop_resize(wide, (0, 10, 30, 30), 16, resample))  # centred square
+    flipped = images.train_view(square, 16, np.random.default_rng(0), (1, 1), (1, 1), True)
+    assert np.array_equal(flipped, want) or np.array_equal(flipped, want[:, ::-1])
+
+
+def test_training_crops_and_flips_are_a_function_of_seed_and_position(data_dir):
+    cfg = _data_cfg(data_dir)
+    cfg.crop_area, cfg.crop_ratio, cfg.flip = (0.3, 1.0), (3 / 4, 4 / 3), True
+    ds = pipeline.open_dataset(cfg)
+    a, b = (iter(pipeline.train_dataset(ds, cfg, 16, 32, seed=5)) for _ in range(2))
+    first = [next(a) for _ in range(2)]
+    for want in first:
+        np.testing.assert_array_equal(next(b)["image"], want["image"])
+    other = next(iter(pipeline.train_dataset(ds, cfg, 16, 32, seed=6)))
+    plain = next(iter(pipeline.train_dataset(ds, _data_cfg(data_dir), 16, 32, seed=5)))
+    assert not np.array_equal(other["image"], first[0]["image"])
+    np.testing.assert_array_equal(plain["text"], first[0]["text"])  # same examples, other views
+    assert not np.array_equal(plain["image"], first[0]["image"])
+
+
+def test_decoding_workers_give_the_same_batches_and_resume_exactly(data_dir):
+    cfg = _data_cfg(data_dir)
+    ds = pipeline.open_dataset(cfg)
+    threads = iter(pipeline.train_dataset(ds, cfg, 16, 32, seed=3))
+    want = [next(threads) for _ in range(6)]
+    cfg.workers = 2
+    procs = iter(pipeline.train_dataset(ds, cfg, 16, 32, seed=3))
+    for w in want[:3]:
+        np.testing.assert_array_equal(next(procs)["image"], w["image"])
+    state = procs.get_state()
+    resumed = iter(pipeline.train_dataset(ds, cfg, 16, 32, seed=3))
+    resumed.set_state(state)
+    for w in want[3:]:
+        got = next(resumed)
+        np.testing.assert_array_equal(got["image"], w["image"])
+        np.testing.assert_array_equal(got["text"], w["text"])
+
+
+# --------------------------------------------------------------------------- tokenizer.json files
+
+
+def _json_tokenizer(tmp_path, style):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+    corpus = [f"a {c} {s} left of a {c2} {s}" for c in ("red", "green", "blue") for c2 in ("pink", "grey")
+              for s in ("circle", "square", "triangle")] * 3
+    if style == "clip":  # byte-pair merges with an end-of-word suffix; specials last; id 0 is a real token
+        tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+        tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, end_of_word_suffix="</w>",
+                                                            special_tokens=[]))
+        tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+        bos, eos = "<|startoftext|>", "<|endoftext|>"
+    else:  # WordPiece with [PAD] = 0, [CLS] ... [SEP]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.train_from_iterator(corpus, trainers.WordPieceTrainer(
+            vocab_size=120, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+        bos, eos = "[CLS]", "[SEP]"
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))])
+    path = str(tmp_path / f"{style}.json")
+    tok.save(path)
+    return path, tok
+
+
+@pytest.mark.parametrize("style", ["clip", "bert"])
+def test_tokenizer_json_equals_the_tokenizers_package_with_its_special_tokens(style, tmp_path):
+    path, peer = _json_tokenizer(tmp_path, style)
+    ours = tokenizers.make_tokenizer("tokenizer_json", path)
+    offset = 1 if style == "clip" else 0  # CLIP's id 0 is a word, so padding gets a new id 0
+    assert ours.vocab_size == peer.get_vocab_size() + offset
+    texts = ["A Red circle LEFT of a grey square", "a green triangle " * 12, ""]
+    max_len = 12
+    peer.enable_truncation(max_len)
+    peer.enable_padding(length=max_len)
+    got = tokenizers.tokenize(ours, texts, max_len)
+    for row, text in zip(got, texts):
+        enc = peer.encode(text)
+        want = np.where(np.asarray(enc.attention_mask) == 1, np.asarray(enc.ids) + offset, 0)
+        np.testing.assert_array_equal(row, want, err_msg=text)
+    bos, eos = ("<|startoftext|>", "<|endoftext|>") if style == "clip" else ("[CLS]", "[SEP]")
+    assert ours.prefix == (peer.token_to_id(bos) + offset,) and ours.suffix == (peer.token_to_id(eos) + offset,)
+    assert ours.eos_id == peer.token_to_id(eos) + offset
+    assert got[1][-1] == ours.eos_id  # cut before EOS, which survives
+    # The cleaning CLIP applies first: HTML entities (even double-escaped) and whitespace runs.
+    np.testing.assert_array_equal(tokenizers.tokenize(ours, ["red &amp;amp;  \n blue"], max_len),
+                                  tokenizers.tokenize(ours, ["red & blue"], max_len))
+
+
+def test_a_file_that_is_not_a_tokenizer_is_an_error_naming_the_field(tmp_path):
+    (tmp_path / "t.json").write_text("{}")
+    with pytest.raises(ValueError, match="config.data.tokenizer_path"):
+        tokenizers.make_tokenizer("tokenizer_json", str(tmp_path / "t.json"))

@@ -195,3 +195,96 @@ def test_twenty_steps_on_ingested_shards_and_a_kill_reproduces_them(shards_datas
     timing = ("train/examples_per_sec",)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(metrics.read_metrics(workdir)) == strip(reference)
+
+
+def _run(argv):
+    return ingest.run(ingest.parse_args(argv + ["--workers", "1", "--quiet"]))
+
+
+def test_a_csv_with_several_captions_per_image_labels_and_missing_files(tmp_path):
+    root = tmp_path / "csv"
+    (root / "img").mkdir(parents=True)
+    rows = [b"filepath,title,label"]
+    for key, data, caption, ext in good_examples(8, seed=1):
+        (root / "img" / f"{key}.{ext}").write_bytes(data)
+        colour = caption.split()[1]
+        rows += [f"img/{key}.{ext},{caption},{colour}".encode(), f"img/{key}.{ext},one more: {caption},{colour}".encode()]
+    rows += [b"img/absent.jpg,a red square,red", b"img/s1_000.jpeg,a \xff caption,red"]
+    (root / "data.csv").write_bytes(b"\n".join(rows) + b"\n")
+    report = _run(["table", str(root / "data.csv"), "--name", "csvdata", "--data_dir", str(tmp_path / "data"),
+                   "--label_key", "label", "--min_size", "16"])
+    assert report["skipped"] == {"missing_image": 1}
+    assert report["captions_dropped_from_kept_examples"] == {"non_utf8_caption": 1}
+    cfg = config_lib.load_config("configs/own_data.py:csvdata", [f"data.data_dir={tmp_path / 'data'}",
+                                                                 "data.tokenizer=bytes", "data.label_key=label"])
+    ds = pipeline.open_dataset(cfg.data)
+    assert ds.class_names == sorted(COLOURS)
+    source = ds.sources["train"]
+    assert len(source) == 8 and all(len(source[i]["caption"]) == 2 for i in range(8))
+    colours = [ds.class_names[source[i]["label"]] for i in range(8)]
+    assert colours == [source[i]["caption"][0].decode().split()[1] for i in range(8)]
+    # Training samples one caption per example and step, as a function of (seed, position).
+    def sampled(seed):
+        it = iter(pipeline.train_dataset(ds, cfg.data, 48, 8, seed))
+        return [bytes(t[t > 1] - 2).decode() for _ in range(6) for t in next(it)["text"]]
+
+    first = sampled(0)
+    assert first == sampled(0) and first != sampled(1)
+    assert {c.startswith("one more: ") for c in first} == {True, False}
+
+
+def test_a_folder_with_sidecar_captions_and_class_directories(tmp_path):
+    root = tmp_path / "folder"
+    goods = good_examples(8, seed=2)
+    for key, data, caption, ext in goods:
+        colour = caption.split()[1]
+        (root / colour).mkdir(parents=True, exist_ok=True)
+        (root / colour / f"{key}.{ext}").write_bytes(data)
+        if key != goods[0][0]:  # the first is captioned by its class name
+            (root / colour / f"{key}.txt").write_text(f"{caption}\n\n{caption}, again\n")
+    (root / "red" / "empty.png").write_bytes(b"")
+    (root / "red" / "empty.txt").write_text("a red square")
+    report = _run(["folder", str(root), "--name", "folderdata", "--data_dir", str(tmp_path / "data"),
+                   "--label_from_dir", "--min_size", "16", "--holdout_fraction", "0.3"])
+    assert report["skipped"] == {"undecodable_image": 1}
+    assert sum(report["kept"].values()) == 8 and report["kept"]["holdout"] > 0
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("folderdata", data_dir=str(tmp_path / "data"))
+    source = builder.as_data_source(decoders={"image": tfds.decode.SkipDecoding()})
+    examples = [source[s][i] for s in ("train", "holdout") for i in range(len(source[s]))]
+    by_key = {os.path.basename(e["key"].decode()).split(".")[0]: e for e in examples}
+    assert [c.decode() for c in by_key[goods[0][0]]["caption"]] == [goods[0][2].split()[1]]
+    assert [c.decode() for c in by_key[goods[1][0]]["caption"]] == [goods[1][2], goods[1][2] + ", again"]
+    for e in examples:
+        assert builder.info.features["label"].names[e["label"]] in e["key"].decode()
+
+
+def test_a_killed_ingestion_redoes_only_unfinished_units_and_hosts_split_the_units(tmp_path, monkeypatch):
+    write_shards(str(tmp_path / "shards"))
+    os.remove(tmp_path / "shards" / "00003.tar")
+    base = ["webdataset", str(tmp_path / "shards"), "--name", "parts", "--data_dir", str(tmp_path / "data"),
+            "--min_size", "16", "--process_count", "2", "--wait_seconds", "0"]
+    with pytest.raises(ingest.ConfigError, match="were not finished by the other processes"):
+        _run(base + ["--process_index", "0"])  # units 0 and 2 done, then it gives up waiting for unit 1
+    assert _run(base + ["--process_index", "1"]) == {}  # unit 1
+    done = []
+    monkeypatch.setattr(ingest, "process_unit", lambda job: done.append(job[0]))
+    report = _run(base + ["--process_index", "0"])
+    assert done == [] and report["kept"] == {"train": 38}  # no --dedup, default caption length
+    with pytest.raises(ingest.ConfigError, match="other inputs or options"):
+        os.makedirs(tmp_path / "data" / "parts" / "_ingest" / "train")
+        with open(tmp_path / "data" / "parts" / "_ingest" / "train" / "plan.json", "w") as f:
+            json.dump({"fingerprint": "another command"}, f)
+        _run(base[:-4] + ["--min_size", "20"])
+    assert _run(base + ["--process_index", "0"])["kept"] == {"train": 38}  # already ingested: nothing redone
+
+
+def test_bad_ingest_arguments_are_one_error_line(tmp_path):
+    for argv, needle in [(["webdataset", str(tmp_path / "nothing"), "--name", "x"], "no such file"),
+                         (["webdataset", str(tmp_path), "--name", "Bad-Name"], "--name"),
+                         (["table", str(tmp_path / "t.csv"), "--name", "x"], "column 'filepath'")]:
+        (tmp_path / "t.csv").write_text("path,caption\na.jpg,hello\n")
+        proc = ingest_cli(*argv, "--data_dir", str(tmp_path / "data"), check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("error:") and needle in proc.stderr, proc.stderr

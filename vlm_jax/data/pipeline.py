@@ -210,6 +210,10 @@ def train_dataset(ds: Dataset, data_cfg, text_len: int, global_batch: int, seed:
         .to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
     )
     if data_cfg.workers:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; our CLIs use argparse
+            flags.FLAGS.mark_as_parsed()
         # Worker w decodes batches w, w + W, ...; grain interleaves them back in
         # order, and the iterator state (a checkpoint's data record) covers them.
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
