@@ -280,3 +280,20 @@ def test_a_file_that_is_not_a_tokenizer_is_an_error_naming_the_field(tmp_path):
     (tmp_path / "t.json").write_text("{}")
     with pytest.raises(ValueError, match="config.data.tokenizer_path"):
         tokenizers.make_tokenizer("tokenizer_json", str(tmp_path / "t.json"))
+
+
+def test_a_jpeg_decoded_at_reduced_scale_gives_nearly_the_full_decodes_crop():
+    from PIL import Image
+
+    from vlm_jax.data import images
+
+    y, x = np.mgrid[0:480, 0:640]
+    photo = np.stack([x * 255 // 640, y * 255 // 480, (x + y) * 255 // 1120], -1).astype(np.uint8)
+    jpeg = _encoded(Image.fromarray(photo), "JPEG")
+    full = images.decode_rgb(jpeg)
+    for seed in range(5):
+        args = (56, (0.5, 1.0), (3 / 4, 4 / 3), True, "bicubic")
+        fast = images.train_view(jpeg, args[0], np.random.default_rng(seed), *args[1:])
+        slow = images.train_view(full, args[0], np.random.default_rng(seed), *args[1:])
+        assert fast.shape == slow.shape == (56, 56, 3) and fast.dtype == np.uint8
+        assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 2.0  # same window and flip, DCT-scaled decode

@@ -50,24 +50,34 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Opens and fully decodes encoded bytes (so truncation shows here, not later)."""
+def _lazy_open(data: bytes) -> Image.Image:
+    """Reads the header only: format, mode and size, no pixels yet."""
     if not data:
         raise ImageError("undecodable", "zero bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            if img.width * img.height > _MAX_PIXELS:
-                raise ImageError("undecodable", f"{img.width}x{img.height} exceeds {_MAX_PIXELS} pixels")
-            img.load()
-    except ImageError:
-        raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError("undecodable", str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError("truncated", str(e) or type(e).__name__) from None
+    if img.width * img.height > _MAX_PIXELS:
+        raise ImageError("undecodable", f"{img.width}x{img.height} exceeds {_MAX_PIXELS} pixels")
+    return img
+
+
+def _load(img: Image.Image) -> Image.Image:
+    try:
+        img.load()
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL's ways of saying "ends early / corrupt"
         raise ImageError("truncated", str(e) or type(e).__name__) from None
     return img
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Opens and fully decodes encoded bytes (so truncation shows here, not later)."""
+    return _load(_lazy_open(data))
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
@@ -147,32 +157,60 @@ def _block_mean(a: np.ndarray, size: int) -> np.ndarray:
     return np.round(pooled).astype(np.uint8)
 
 
-def crop_resize(image: np.ndarray, window: Window, size: int, resample: str = "area") -> np.ndarray:
-    """``image[window]`` resized to size × size (H×W×3 uint8 in and out).
+def crop_resize(image: np.ndarray | Image.Image, window: Window, size: int, resample: str = "area",
+                scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """``image[window]`` resized to size × size (H×W×3 uint8 or an RGB PIL
+    image in, uint8 out). ``scale``: the image is the window's coordinate
+    frame reduced by (x, y) factors (a JPEG decoded at a reduced scale).
 
     "area" averages the pixels each output pixel covers; a square window
     reduced by an integer factor is an exact block mean (computed in float,
     rounded once)."""
     top, left, ch, cw = window
-    if (top, left, ch, cw) == (0, 0, *image.shape[:2]) and ch == cw:
+    w, h = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+    if tuple(scale) == (1.0, 1.0) and (top, left, ch, cw) == (0, 0, h, w) and ch == cw:
         if ch == size:
-            return image
+            return np.asarray(image)
         if resample == "area" and ch % size == 0:
-            return _block_mean(image, size)
-    box = (left, top, left + cw, top + ch)
-    return np.asarray(Image.fromarray(image).resize((size, size), RESAMPLE[resample], box=box))
+            return _block_mean(np.asarray(image), size)
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    sx, sy = scale
+    box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+    return np.asarray(pil.resize((size, size), RESAMPLE[resample], box=box))
 
 
-def train_view(image: np.ndarray, size: int, rng: np.random.Generator, area: Sequence[float],
+def _rgb_image(img: Image.Image) -> Image.Image:
+    """A decoded PIL image in RGB mode, without a copy when it already is."""
+    return img if img.mode == "RGB" else Image.fromarray(to_rgb(img))
+
+
+def train_view(image, size: int, rng: np.random.Generator, area: Sequence[float],
                ratio: Sequence[float], flip: bool, resample: str = "area") -> np.ndarray:
-    """The training crop: a random window resized to ``size``, flipped left–right
-    with probability 1/2 when ``flip``."""
-    h, w = image.shape[:2]
+    """The training crop of an array or encoded bytes: a random window resized
+    to ``size``, flipped left–right with probability 1/2 when ``flip``.
+
+    For a JPEG the window is drawn from the header's size before decoding,
+    and the decoder then reduces by 1/2, 1/4 or 1/8 in the DCT (PIL's
+    ``draft``) as far as the window keeps at least ``size`` pixels on each
+    side; a 640-pixel photo cropped to 224 decodes a quarter of the pixels."""
+    encoded = isinstance(image, (bytes, bytearray, memoryview))
+    if encoded:
+        img = _lazy_open(bytes(image))
+        w, h = img.size
+    else:
+        h, w = np.shape(image)[:2]
     if tuple(area) == (1.0, 1.0) and tuple(ratio) == (1.0, 1.0):
         window = centre_window(h, w)  # the deterministic case draws nothing
     else:
         window = random_window(h, w, rng, area, ratio)
-    out = crop_resize(image, window, size, resample)
+    if encoded:
+        if img.format == "JPEG":
+            top, left, ch, cw = window
+            img.draft(img.mode, (math.ceil(w * size / cw), math.ceil(h * size / ch)))
+        rgb = _rgb_image(_load(img))
+        out = crop_resize(rgb, window, size, resample, scale=(rgb.width / w, rgb.height / h))
+    else:
+        out = crop_resize(array_to_rgb(image), window, size, resample)
     if flip and rng.random() < 0.5:
         out = np.ascontiguousarray(out[:, ::-1])
     return out

@@ -151,13 +151,13 @@ class _Preprocess(grain.transforms.RandomMap):
 
     def random_map(self, ex, rng: np.random.Generator):
         cfg = self._cfg
-        image = images.decode_rgb(ex[cfg.image_key])
         captions = _captions(ex[cfg.text_key])
         if self._train:
-            image = images.train_view(image, cfg.image_size, rng, cfg.crop_area, cfg.crop_ratio, cfg.flip, cfg.resample)
+            image = images.train_view(ex[cfg.image_key], cfg.image_size, rng, cfg.crop_area, cfg.crop_ratio,
+                                      cfg.flip, cfg.resample)
             caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
         else:
-            image = images.eval_view(image, cfg.image_size, cfg.resample)
+            image = images.eval_view(images.decode_rgb(ex[cfg.image_key]), cfg.image_size, cfg.resample)
             caption = captions[0]
         out = {"image": image, "text": tokenizers.tokenize(self._tok, [_text(caption)], self._len)[0]}
         for field in self._fields:
