@@ -39,6 +39,7 @@ def get_config(name: str = "mydata"):
     c.optim.warmup_steps = 2000
     c.optim.weight_decay = 0.2
 
-    del c.evals["zeroshot"]  # needs class labels
+    for name in ("zeroshot", "linear_probe", "fewshot", "compositional"):  # need class labels / the embedded data
+        del c.evals[name]
     c.evals.retrieval = eval_entry("retrieval", splits=("holdout",), max_examples=5000)
     return c

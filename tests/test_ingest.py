@@ -165,7 +165,8 @@ def _own_overrides(data_dir, **extra):
               "evals.retrieval.splits": "('train',)", "evals.retrieval.max_examples": 32,
               "evals.retrieval.batch_size": 8}
     values.update(extra)
-    out = [o for o in tiny_overrides(data_dir, **values) if not o.startswith("--config.evals.zeroshot")]
+    labelled = tuple(f"--config.evals.{e}" for e in ("zeroshot", "linear_probe", "fewshot", "compositional"))
+    out = [o for o in tiny_overrides(data_dir, **values) if not o.startswith(labelled)]
     return out
 
 

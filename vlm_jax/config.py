@@ -131,6 +131,11 @@ def base_config() -> ConfigDict:
     c.evals.zeroshot = eval_entry("zeroshot", splits=("test_seen", "test_unseen"),
                                   templates=("a {}", "a small {}", "a large {}"), filter_key="single_class")
     c.evals.retrieval = eval_entry("retrieval", splits=("test_seen", "test_unseen"))
+    # Probes learn classes from the train split, which never shows test_unseen's compositions.
+    c.evals.linear_probe = eval_entry("linear_probe", splits=("test_seen",), filter_key="single_class",
+                                      train_examples=5000)
+    c.evals.fewshot = eval_entry("fewshot", splits=("test_seen",), filter_key="single_class", train_examples=5000)
+    c.evals.compositional = eval_entry("compositional", splits=("test_seen", "test_unseen"))
     c.lock()
     c.evals.unlock()  # entries may be added; each entry stays locked (a misspelt field is an error)
     for e in c.evals.values():

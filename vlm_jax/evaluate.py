@@ -3,9 +3,12 @@
     python -m vlm_jax.evaluate --config configs/default.py --workdir DIR [--step N] [--config.a.b=value ...]
 
 Runs every entry of ``config.evals`` (zero-shot classification, retrieval,
-...; see ``vlm_jax.evaluators``) on checkpoint N of DIR (default: the latest),
-prints the metrics, then saves them to DIR/eval_step<N>.json. The evaluators
-are the ones the train loop runs, so the numbers equal the run's own.
+linear probe, few-shot, compositional probes; see ``vlm_jax.evaluators``) on
+checkpoint N of DIR (default: the latest), prints the metrics, then saves
+DIR/eval_step<N>.json (``{"step", "metrics", "details"}``: details hold
+per-class accuracy and the probes' chosen regularisation) and
+DIR/eval_step<N>.md (one table per evaluator). The evaluators are the ones
+the train loop runs, so the numbers equal the run's own.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ def _flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=int, default=-1, help="checkpoint step to evaluate (default: the latest)")
 
 
-def evaluate_checkpoint(config, workdir: str, step: int = -1) -> tuple[int, dict[str, float]]:
-    """(step, metrics) of checkpoint ``step`` (-1: the latest) of ``workdir``."""
+def evaluate_checkpoint(config, workdir: str, step: int = -1) -> tuple[int, dict[str, float], dict]:
+    """(step, metrics, details) of checkpoint ``step`` (-1: the latest) of ``workdir``."""
     run = session.setup(config)
     mgr = checkpoint.manager(workdir, config.train.keep_checkpoints)
     steps = mgr.all_steps()
@@ -42,7 +45,8 @@ def evaluate_checkpoint(config, workdir: str, step: int = -1) -> tuple[int, dict
         state, _ = checkpoint.restore(mgr, step, session.with_shardings(run.abstract, run.state_sh))
     except checkpoint.DamagedCheckpoint as e:
         raise ConfigError(f"checkpoint step {step} in {workdir} is damaged: {e}; evaluate another --step") from e
-    return step, suite.run(state["params"])
+    metrics = suite.run(state["params"])
+    return step, metrics, suite.details()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -51,19 +55,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     session.initialize_distributed(args)
     config = session.load_config_or_exit(args)
     try:
-        step, metrics = evaluate_checkpoint(config, args.workdir, args.step)
+        step, metrics, details = evaluate_checkpoint(config, args.workdir, args.step)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     if jax.process_index() == 0:
         print(f"step {step}")
         for k in sorted(metrics):
             print(f"{k:40s} {metrics[k]:.4f}")
-        path = os.path.join(args.workdir, f"eval_step{step}.json")
+        stem = os.path.join(args.workdir, f"eval_step{step}")
         try:
-            with open(path, "w") as f:
-                json.dump({"step": step, **metrics}, f, indent=1)
+            with open(stem + ".json", "w") as f:
+                json.dump({"step": step, "metrics": metrics, "details": details}, f, indent=1)
+            with open(stem + ".md", "w") as f:
+                f.write(evaluators.markdown(step, metrics))
         except OSError as e:
-            raise SystemExit(f"error: could not write {path} ({e.strerror}); the metrics are printed above") from None
+            raise SystemExit(f"error: could not write {e.filename} ({e.strerror}); the metrics are printed above") from None
     return metrics
 
 

@@ -224,18 +224,25 @@ def load_split(ds: Dataset, data_cfg, split: str, text_len: int, max_examples: i
                field: str = "config.evals") -> dict[str, np.ndarray]:
     """The first ``max_examples`` of a split in memory: "image" (uint8,
     the evaluation crop), "text" (tokens of the first caption), "caption"
-    (the first caption of each) and every scalar feature
-    of the dataset under its own name (labels, flags). ``field`` names the
-    config field that chose the split, for the error."""
+    (the first caption of each), every caption of every image ("captions_all"
+    strings, "text_all" tokens, "caption_image" the index of each one's
+    image: multi-caption retrieval) and every scalar feature of the dataset
+    under its own name (labels, flags). ``field`` names the config field that
+    chose the split, for the error."""
     source = _split(ds, split, field)
     n = min(len(source), max_examples)
     prep = _Preprocess(data_cfg, ds.tokenizer, text_len, train=False)
     rows = [source[i] for i in range(n)]
     processed = [prep.random_map(r, None) for r in rows]
+    captions = [[_text(c) for c in _captions(r[data_cfg.text_key])] for r in rows]
+    flat = [c for cs in captions for c in cs]
     out = {
         "image": np.stack([p["image"] for p in processed]),
         "text": np.stack([p["text"] for p in processed]),
-        "caption": np.asarray([_text(_captions(r[data_cfg.text_key])[0]) for r in rows]),
+        "caption": np.asarray([cs[0] for cs in captions]),
+        "captions_all": np.asarray(flat),
+        "text_all": tokenizers.tokenize(ds.tokenizer, flat, text_len),
+        "caption_image": np.repeat(np.arange(n, dtype=np.int32), [len(cs) for cs in captions]),
     }
     for key, value in rows[0].items():
         if key not in out and key not in (data_cfg.image_key, data_cfg.text_key) and np.ndim(value) == 0:

@@ -170,3 +170,61 @@ def train_captions(seed: int, num: int) -> Iterator[str]:
     """Captions of the train split, for fitting a tokenizer (no images drawn)."""
     for _, scene in iter_scenes(seed, "train", num, image_size=16):
         yield scene.caption
+
+
+# --------------------------------------------------------------------------- compositional probes
+
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+PERTURBATIONS = ("relation", "swap", "binding", "colour", "shape", "count")
+_PLURALS = {_plural(s): s for s in SHAPES}
+_NUMBERS = {w: n for n, w in COUNT_WORDS.items()}
+
+
+def _other(options: list[str], current: str, avoid: tuple[str, ...] = ()) -> str:
+    """The next option after ``current`` (cyclically) that is not in ``avoid``."""
+    i = options.index(current)
+    for step in range(1, len(options)):
+        candidate = options[(i + step) % len(options)]
+        if candidate != current and candidate not in avoid:
+            return candidate
+    raise ValueError(f"no alternative to {current!r}")
+
+
+def perturbations(caption: str) -> dict[str, str]:
+    """False captions that differ from a true ``caption`` of this grammar in
+    one way each (a Winoground / ARO-style probe), by type:
+
+    * relation: the relation replaced by its opposite ("left of" -> "right of");
+    * swap: subject and object exchanged (same words, other order);
+    * binding: the two objects' colours exchanged (same words, other binding);
+    * colour / shape: the subject's colour / shape replaced by another one;
+    * count: the number replaced by another one.
+
+    Types that do not apply to a caption's kind are absent; a caption outside
+    the grammar raises ValueError."""
+    colours, shapes = list(COLOURS), list(SHAPES)
+    words = caption.split()
+    for rel in RELATIONS:  # "a c1 s1 REL a c2 s2"
+        marker = f" {rel} a "
+        if marker in caption:
+            left, right = caption.split(marker)
+            (a1, c1, s1), (c2, s2) = left.split(), right.split()
+            if a1 != "a" or {c1, c2} - set(colours) or {s1, s2} - set(shapes):
+                break
+            c1_new = _other(colours, c1, (c2,))
+            return {
+                "relation": f"a {c1} {s1} {OPPOSITE[rel]} a {c2} {s2}",
+                "swap": f"a {c2} {s2} {rel} a {c1} {s1}",
+                **({"binding": f"a {c2} {s1} {rel} a {c1} {s2}"} if c1 != c2 else {}),
+                "colour": f"a {c1_new} {s1} {rel} a {c2} {s2}",
+                "shape": f"a {c1} {_other(shapes, s1, (s2,))} {rel} a {c2} {s2}",
+            }
+    if len(words) == 4 and words[0] == "a" and words[1] in SIZES and words[2] in colours and words[3] in shapes:
+        return {"colour": f"a {words[1]} {_other(colours, words[2])} {words[3]}",
+                "shape": f"a {words[1]} {words[2]} {_other(shapes, words[3])}"}
+    if len(words) == 3 and words[0] in _NUMBERS and words[1] in colours and words[2] in _PLURALS:
+        counts = [COUNT_WORDS[n] for n in sorted(COUNT_WORDS)]
+        return {"count": f"{_other(counts, words[0])} {words[1]} {words[2]}",
+                "colour": f"{words[0]} {_other(colours, words[1])} {words[2]}",
+                "shape": f"{words[0]} {words[1]} {_plural(_other(shapes, _PLURALS[words[2]]))}"}
+    raise ValueError(f"caption {caption!r} is not in the embedded dataset's grammar")

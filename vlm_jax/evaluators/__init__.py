@@ -17,12 +17,17 @@ from jax.sharding import Mesh
 from vlm_jax.data import pipeline
 from vlm_jax.errors import ConfigError
 from vlm_jax.evaluators.base import COMMON_FIELDS, Context, Embedder, Evaluator, Metrics, check_entry_fields
+from vlm_jax.evaluators.compositional import Compositional
+from vlm_jax.evaluators.probe import FewShot, LinearProbe
 from vlm_jax.evaluators.retrieval import Retrieval
 from vlm_jax.evaluators.zeroshot import ZeroShot
 
 EVALUATORS: dict[str, type[Evaluator]] = {
     "zeroshot": ZeroShot,
     "retrieval": Retrieval,
+    "linear_probe": LinearProbe,
+    "fewshot": FewShot,
+    "compositional": Compositional,
 }
 
 
@@ -59,6 +64,7 @@ class Suite:
 
     def __init__(self, config, mesh: Mesh, embedder: Embedder, train_data: pipeline.Dataset):
         self.ctx = Context(config, mesh, embedder, train_data)
+        self._ran: list[Evaluator] = []
         entries = [(name, e) for name, e in config.evals.items() if e.splits]
         seen: dict[tuple[str, str], int] = {}
         for _, e in entries:
@@ -75,11 +81,41 @@ class Suite:
     def run(self, params, step: int | None = None, total: int | None = None) -> Metrics:
         """Metrics of the evaluators due at ``step`` (all of them when step is None)."""
         out: Metrics = {}
+        self._ran = []
         with self.ctx.one_pass():
             for ev in self.evaluators:
                 if step is None or ev.due(step, total):
                     out.update(ev.run(params))
+                    self._ran.append(ev)
         return out
 
+    def details(self) -> dict[str, Any]:
+        """What the last ``run`` keeps beyond its metrics (per-class accuracy,
+        chosen regularisation), keyed ``[<entry>/]<kind>/<split>`` like the metrics."""
+        return {f"{ev.prefix}{ev.namespace}/{split}": d for ev in self._ran for split, d in ev.details.items()}
 
-__all__ = ["EVALUATORS", "Evaluator", "Embedder", "Suite", "check", "entry"]
+
+def markdown(step: int, metrics: Metrics) -> str:
+    """The metrics as one Markdown table per evaluator kind: a row per
+    ``[<entry>/]<kind>/<split>``, a column per metric (accuracies and recalls
+    in %)."""
+    tables: dict[str, dict[str, dict[str, float]]] = {}
+    for key, value in metrics.items():
+        head, split, name = key.rsplit("/", 2)
+        tables.setdefault(head, {}).setdefault(split, {})[name] = value
+    lines = [f"# Evaluation at step {step}"]
+    for head, rows in tables.items():
+        columns = list(dict.fromkeys(c for row in rows.values() for c in row))  # the evaluator's own order
+        lines += ["", f"## {head}", "", "| split | " + " | ".join(columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for split, row in rows.items():
+            cells = [_cell(c, row[c]) if c in row else "" for c in columns]
+            lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(name: str, value: float) -> str:
+    return f"{value:.0e}" if name == "l2" else f"{100 * value:.1f}"
+
+
+__all__ = ["EVALUATORS", "Evaluator", "Embedder", "Suite", "check", "entry", "markdown"]

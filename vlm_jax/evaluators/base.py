@@ -71,6 +71,21 @@ class Embedder(abc.ABC):
         """(n_img, num_classes) zero-shot scores; ``prompts`` holds the text
         representations of every (class, template) prompt, class-major."""
 
+    def features(self, params, images: jax.Array) -> jax.Array:
+        """uint8 images -> (n, d) frozen features for probes (traced under
+        jit); by default the image representation itself."""
+        return self.images(params, images)
+
+    def pair_scores(self, img: Any, txt: Any, block: int = 256) -> np.ndarray:
+        """(n,) score of image i with text i, computed block by block."""
+        n = len(jax.tree_util.tree_leaves(img)[0])
+        out = []
+        for s in range(0, n, block):
+            cut = lambda x, s=s: x[s:s + block]  # noqa: E731
+            i2t, _ = self.scores(jax.tree_util.tree_map(cut, img), jax.tree_util.tree_map(cut, txt))
+            out.append(np.diagonal(i2t))
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
 
 class MeshEncoder:
     """Host arrays in, host representations out, batched over the data devices.
@@ -85,6 +100,7 @@ class MeshEncoder:
         out_sh = parallel.replicated(mesh)
         self._images = jax.jit(embedder.images, out_shardings=out_sh)
         self._texts = jax.jit(embedder.texts, out_shardings=out_sh)
+        self._features = jax.jit(embedder.features, out_shardings=out_sh)  # compiled when a probe first asks
 
     def _run(self, fn: Callable, params, x: np.ndarray) -> Any:
         outs = []
@@ -103,6 +119,9 @@ class MeshEncoder:
 
     def texts(self, params, tokens: np.ndarray) -> Any:
         return self._run(self._texts, params, tokens)
+
+    def features(self, params, images: np.ndarray) -> np.ndarray:
+        return self._run(self._features, params, images)
 
 
 # --------------------------------------------------------------------------- the run-wide context
@@ -210,6 +229,7 @@ class Evaluator(abc.ABC):
 
     def __init__(self, name: str, entry, ctx: Context, prefix: str = ""):
         self.name, self.entry, self.ctx, self.prefix = name, entry, ctx, prefix
+        self.details: dict[str, Any] = {}  # split -> what the results file keeps beyond the metrics
         self.every = entry.every or ctx.config.train.eval_every
         self.field = f"evals.{name}"
         self.data_cfg = data_config(ctx.config, entry)
@@ -242,6 +262,7 @@ class Evaluator(abc.ABC):
         return self.ctx.encoded(key, lambda: self.encoder.images(params, self.data(split)["image"]))
 
     def run(self, params) -> Metrics:
+        self.details = {}
         out: Metrics = {}
         for split in self.entry.splits:
             for k, v in self.evaluate_split(params, split).items():

@@ -125,6 +125,13 @@ class PooledEmbedder(Embedder):
         sim = img @ txt.T
         return sim, sim.T
 
+    def pair_scores(self, img: np.ndarray, txt: np.ndarray, block: int = 256) -> np.ndarray:
+        return np.einsum("nd,nd->n", img, txt)
+
+    def features(self, params, images):  # probes: the image tower's pooled output, before the projection
+        return self.model.apply({"params": params}, pipeline.normalize_images(images),
+                                method=towers.TwoTower.image_features)[0]
+
     def class_scores(self, img: np.ndarray, prompts: np.ndarray, num_classes: int, num_templates: int) -> np.ndarray:
         z = prompts.reshape(num_classes, num_templates, -1).mean(axis=1)
         z = z / np.linalg.norm(z, axis=1, keepdims=True)

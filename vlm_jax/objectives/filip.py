@@ -54,6 +54,10 @@ class TokenEmbedder(Embedder):
     def texts(self, params, tokens):
         return self.model.apply({"params": params}, tokens, method=towers.TwoTower.encode_text_tokens)
 
+    def features(self, params, images):  # probes: the image tower's pooled output, before the projection
+        return self.model.apply({"params": params}, pipeline.normalize_images(images),
+                                method=towers.TwoTower.image_features)[0]
+
     def _both(self, img: np.ndarray, txt: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         tokens, mask = txt
         n_img, n_txt = len(img), len(tokens)
