@@ -313,3 +313,14 @@ def test_an_external_labelled_dataset_is_evaluated_through_config_alone(trained_
         "    return c\n")
     out = evaluate.main(["--config", str(config_file), "--workdir", workdir] + tiny_overrides(data_dir))
     assert 0 <= out["zeroshot/holdout/top1"] <= 1 and out["linear_probe/holdout/top1"] > 0.6  # chance: 1/3
+
+
+def test_filip_is_probed_token_wise_and_linearly_on_pooled_features(data_dir):
+    cfg = load_tiny_config(data_dir, config_file="configs/default.py:filip", **{
+        "evals.compositional.splits": "('test_seen',)", "evals.compositional.max_examples": 32,
+        "evals.linear_probe.splits": "('test_seen',)", "evals.linear_probe.train_examples": 256,
+        "evals.linear_probe.max_examples": 32, "evals.zeroshot.splits": "()", "evals.retrieval.splits": "()"})
+    run, suite, params = _suite(cfg)
+    assert isinstance(suite.ctx.embedder, objectives.filip.TokenEmbedder)
+    out = suite.run(params)
+    assert {"compositional/test_seen/swap", "linear_probe/test_seen/top1"} <= set(out)
