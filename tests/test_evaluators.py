@@ -292,7 +292,7 @@ def test_an_external_labelled_dataset_is_evaluated_through_config_alone(trained_
     for c, (name, colour) in enumerate({"tabby": (200, 120, 40), "siamese": (230, 220, 200),
                                         "black cat": (20, 20, 20)}.items()):
         (root / name).mkdir(parents=True)
-        for i in range(12):
+        for i in range(20):
             a = np.clip(np.array(colour) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
             img = Image.fromarray(a)
             img = [img, img.convert("L"), img.convert("P"), img.convert("RGBA"), img.convert("CMYK")][i % 5]

@@ -185,20 +185,21 @@ class Table:
             return list(reader)
 
     @staticmethod
-    def _examples(args: argparse.Namespace) -> list[tuple[str, list[bytes], str | None]]:
-        """(image path, captions, label) per distinct image, in first-appearance order."""
+    def _examples(args: argparse.Namespace) -> list[tuple[str, list[bytes], str | None, str]]:
+        """(image path, captions, label, key: the path as the table writes it) per distinct image,
+        in first-appearance order."""
         cache_key = (tuple(args.inputs), args.image_key, args.caption_key, args.label_key, args.separator, args.image_root)
         if _TABLE_CACHE.get("key") == cache_key:
             return _TABLE_CACHE["examples"]
-        grouped: dict[str, tuple[list[bytes], str | None]] = {}
+        grouped: dict[str, tuple[list[bytes], str | None, str]] = {}
         for table in _expand(args.inputs, (".csv", ".tsv", ".parquet"), "tables"):
             root = args.image_root or os.path.dirname(table)
             for row in Table._rows(table, args):
                 raw_path = row[args.image_key]
                 if raw_path is None:
                     continue
-                path = raw_path.decode("utf-8", "surrogateescape") if isinstance(raw_path, bytes) else str(raw_path)
-                path = os.path.normpath(os.path.join(root, path))
+                key = raw_path.decode("utf-8", "surrogateescape") if isinstance(raw_path, bytes) else str(raw_path)
+                path = os.path.normpath(os.path.join(root, key))
                 caption = row[args.caption_key]
                 if caption is None:
                     caption_bytes = b""
@@ -207,9 +208,9 @@ class Table:
                 else:
                     caption_bytes = str(caption).encode("utf-8", "surrogateescape")
                 label = str(row[args.label_key]) if args.label_key and row[args.label_key] is not None else None
-                captions, _ = grouped.setdefault(path, ([], label))
+                captions, _, _ = grouped.setdefault(path, ([], label, key))
                 captions.append(caption_bytes)
-        examples = [(p, caps, label) for p, (caps, label) in grouped.items()]
+        examples = [(p, caps, label, key) for p, (caps, label, key) in grouped.items()]
         _TABLE_CACHE.update(key=cache_key, examples=examples)
         return examples
 
@@ -217,14 +218,14 @@ class Table:
     def plan(args: argparse.Namespace) -> Plan:
         examples = Table._examples(args)
         units = [{"rows": [s, e]} for s, e in _chunks(len(examples), args.examples_per_shard)]
-        labels = sorted({lab for _, _, lab in examples if lab is not None}) if args.label_key else None
+        labels = sorted({lab for _, _, lab, _ in examples if lab is not None}) if args.label_key else None
         return Plan(units, labels)
 
     @staticmethod
     def read(unit: dict[str, Any], args: argparse.Namespace) -> Iterator[Raw]:
         start, stop = unit["rows"]
-        for path, captions, label in Table._examples(args)[start:stop]:
-            yield Raw(path, _read_file(path), captions, label)
+        for path, captions, label, key in Table._examples(args)[start:stop]:
+            yield Raw(key, _read_file(path), captions, label)
 
 
 _TABLE_CACHE: dict[str, Any] = {}  # a worker reads the tables once, not once per unit
@@ -277,7 +278,7 @@ class Folder:
                 captions = [label.encode("utf-8", "surrogateescape")]
             else:
                 captions = []
-            yield Raw(path, _read_file(path), captions, label)
+            yield Raw(rel, _read_file(path), captions, label)  # the key does not depend on where the folder is
 
 
 SOURCES = {
