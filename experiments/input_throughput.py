@@ -8,10 +8,11 @@ Both sides decode the JPEG, take a random-resized crop (area 0.9–1, aspect
 3/4–4/3, bicubic) to 224 px and tokenize the caption, in worker processes:
 
 * ours: the shards ingested once (``vlm_jax.data.ingest webdataset``, images
-  kept byte for byte), then ``pipeline.train_dataset`` with
-  ``data.workers = W`` grain processes of one thread each; batches are uint8
-  (normalisation happens on the device, inside the step). A second row uses
-  ingestion's ``--shorter_side 256`` option (images re-encoded once).
+  kept byte for byte, a SentencePiece model fitted on the captions), then
+  ``pipeline.train_dataset`` with ``data.workers = W`` grain processes of one
+  thread each; batches are uint8 (normalisation happens on the device, inside
+  the step). A second row uses ingestion's ``--shorter_side 256`` option
+  (images re-encoded once, at ingestion).
 * peer: open_clip's webdataset training pipeline and its training transform
   with W DataLoader workers, run by ``peer_input_throughput.py`` in a separate
   virtual environment (torch, torchvision, webdataset, open_clip; never a
@@ -35,16 +36,16 @@ import peer_input_throughput as peer
 
 
 def measure_ours(shard_dir: str, work: str, *, image_size: int, batch_size: int, workers: int, seconds: float,
-                 shorter_side: int = 0, warmup_batches: int = 2) -> dict:
+                 shorter_side: int = 0, warmup_batches: int = 4) -> dict:
     from vlm_jax import config as config_lib
     from vlm_jax.data import ingest, pipeline
 
     name = f"bench_s{shorter_side}"
     args = ingest.parse_args(["webdataset", shard_dir, "--name", name, "--data_dir", work, "--min_size", "1",
-                              "--shorter_side", str(shorter_side), "--quiet"])
+                              "--shorter_side", str(shorter_side), "--fit_tokenizer", "300", "--quiet"])
     ingest.run(args)
     cfg = config_lib.load_config(f"configs/own_data.py:{name}", [
-        f"data.data_dir={work}", "data.tokenizer=bytes", f"data.image_size={image_size}",
+        f"data.data_dir={work}", f"data.image_size={image_size}",
         f"data.workers={workers}", f"data.num_threads={1 if workers else 2}"])
     ds = pipeline.open_dataset(cfg.data)
     it = iter(pipeline.train_dataset(ds, cfg.data, 77, batch_size, seed=0))
