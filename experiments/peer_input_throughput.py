@@ -18,9 +18,13 @@ copied:
 * the tokenizer is ``open_clip.get_tokenizer("ViT-B-32")`` (the BPE
   ``SimpleTokenizer`` the package ships, context length 77).
 
-The DataLoader's workers run with one torch thread each (PyTorch's DataLoader
-sets that in every worker; open_clip does not change it); the child's main
-process keeps torch's default thread count unless ``main_threads`` is given.
+Threads: the DataLoader's workers run with one torch thread each (PyTorch's
+DataLoader sets that in every worker; open_clip does not change it). The
+child's main process is set to one torch thread too (``main_threads=1``): with
+``workers >= 1`` it only receives batches, and with ``workers=0``, where it runs
+the whole pipeline, torch's default of one thread per core collapses under a
+busy machine (16 images/s instead of 170 here with the other core loaded).
+``main_threads=None`` keeps torch's default, as open_clip's own trainer does.
 
 It all runs in a separate virtual environment (torch, torchvision, webdataset,
 open_clip_torch[training]), made by :func:`ensure_peer_venv`; none of it is a
@@ -51,7 +55,8 @@ import sys
 import tarfile
 import tempfile
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -68,10 +73,12 @@ _MARKER = ".vlm_jax_peer_ready.json"
 
 _CHILD_SCRIPT = r'''
 import argparse
+import gc
 import json
 import os
 import platform
 import random
+import resource
 import sys
 import time
 
@@ -127,13 +134,22 @@ first = next(stream)
 t_first = time.perf_counter()
 for _ in range(cfg["warmup_batches"] - 1):
     next(stream)
+load_before = os.getloadavg()[0]
+main_cpu = time.process_time()
 start, images, n_batches = time.perf_counter(), 0, 0
 while time.perf_counter() - start < cfg["seconds"]:
     image_batch, text_batch = next(stream)
     images += int(image_batch.shape[0])
     n_batches += 1
 elapsed = time.perf_counter() - start
-stream.close()  # ends the DataLoader iterator, shutting its workers down
+main_cpu = time.process_time() - main_cpu
+num_batches_per_epoch = int(data.dataloader.num_batches)
+# With persistent workers the DataLoader keeps its iterator: dropping the loader shuts the
+# workers down and waits for them, so that their CPU time shows in RUSAGE_CHILDREN.
+stream.close()
+del stream, data
+gc.collect()
+worker_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
 
 print(json.dumps({
     "images_per_second": images / elapsed,
@@ -152,7 +168,7 @@ print(json.dumps({
     "pipeline": f"{oc_data.__name__}.get_wds_dataset",
     "resampled": cfg["resampled"],
     "train_num_samples": cfg["train_num_samples"],
-    "num_batches_per_epoch": int(data.dataloader.num_batches),
+    "num_batches_per_epoch": num_batches_per_epoch,
     "num_shards": cfg["num_shards"],
     "shard_samples": cfg["shard_samples"],
     "transform": " ".join(repr(preprocess).split()),
@@ -164,6 +180,12 @@ print(json.dumps({
     "cpu_count": os.cpu_count(),
     "import_seconds": t_build - t_import,
     "first_batch_seconds": t_first - t_build,
+    # Contention: the 1-minute load average when timing began, the main process's CPU seconds
+    # while timing, and the workers' CPU seconds over their whole life (start-up, warm-up and
+    # prefetch included).
+    "load_average_before": load_before,
+    "main_cpu_seconds": main_cpu,
+    "worker_cpu_seconds_total": worker_cpu.ru_utime + worker_cpu.ru_stime if cfg["workers"] else None,
 }), flush=True)
 '''
 
@@ -191,8 +213,8 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 def write_jpeg_shards(out_dir: str, num_shards: int, per_shard: int, seed: int = 0) -> list[str]:
     """Writes ``num_shards`` img2dataset-like webdataset shards ``{out_dir}/{NNNNN}.tar``.
 
-    Each sample ``KEY`` (shard * 10_000 + index, nine digits, as img2dataset
-    names them) is ``KEY.jpg`` (a smooth colour field with a ramp and mild
+    Each sample ``KEY`` (the shard number in five digits, then the index in
+    the shard in at least four, as img2dataset names them) is ``KEY.jpg`` (a smooth colour field with a ramp and mild
     noise, width and height drawn in [256, 640], JPEG quality 90),
     ``KEY.txt`` (its caption) and ``KEY.json`` (caption, key, size, status).
     Uses only the standard library, PIL and NumPy. Returns the shard paths.
@@ -201,6 +223,7 @@ def write_jpeg_shards(out_dir: str, num_shards: int, per_shard: int, seed: int =
     os.makedirs(out_dir, exist_ok=True)
     colours = ("red", "green", "blue", "orange", "purple", "grey", "teal", "yellow")
     things = ("sky", "field", "wall", "sunset", "lake", "fabric", "painting", "haze")
+    digits = max(4, len(str(per_shard - 1)))
     paths = []
     for s in range(num_shards):
         path = os.path.join(out_dir, f"{s:05d}.tar")
@@ -209,7 +232,7 @@ def write_jpeg_shards(out_dir: str, num_shards: int, per_shard: int, seed: int =
                 w, h = (int(v) for v in rng.integers(256, 641, size=2))
                 buf = io.BytesIO()
                 Image.fromarray(_noise_field(rng, w, h)).save(buf, "JPEG", quality=90)
-                key = f"{s:05d}{i:04d}"
+                key = f"{s:05d}{i:0{digits}d}"
                 caption = (f"a {colours[int(rng.integers(len(colours)))]} and "
                            f"{colours[int(rng.integers(len(colours)))]} {things[int(rng.integers(len(things)))]}, "
                            f"photo {s * per_shard + i}")
@@ -234,7 +257,8 @@ def ensure_peer_venv(path: str = DEFAULT_VENV, packages: Sequence[str] = PEER_PA
     if os.path.exists(marker) and os.path.exists(python):
         return python
     start = time.perf_counter()
-    print(f"peer venv: creating {path} and installing {' '.join(packages)} (minutes) ...", file=sys.stderr, flush=True)
+    print(f"peer venv: creating {path} and installing {' '.join(packages)} (minutes) ...",
+          file=sys.stderr, flush=True)
     subprocess.run([sys.executable, "-m", "venv", path], check=True)
     subprocess.run([python, "-m", "pip", "install", "-q", *packages], check=True)
     versions = subprocess.run(
@@ -256,7 +280,7 @@ def _count_samples(shard: str) -> int:
 
 def measure_peer(venv_python: str, shards: list[str], *, image_size: int = 224, batch_size: int = 64,
                  workers: int = 1, seconds: float = 20.0, warmup_batches: int = 2, resampled: bool = True,
-                 main_threads: int | None = None, seed: int = 0, timeout: float = 900.0) -> dict[str, Any]:
+                 main_threads: int | None = 1, seed: int = 0, timeout: float = 900.0) -> dict[str, Any]:
     """Images/s of open_clip's webdataset training pipeline over ``shards``, run by ``venv_python``.
 
     ``resampled=True`` is open_clip's ``--dataset-resampled`` (shards drawn
@@ -265,8 +289,10 @@ def measure_peer(venv_python: str, shards: list[str], *, image_size: int = 224, 
     epoch after epoch with ``train_num_samples`` = the samples in ``shards``,
     as open_clip's train loop does (``set_epoch`` then the dataloader), so on
     few shards the epoch turnovers are part of what is measured; it needs at
-    least ``workers`` shards. After ``warmup_batches`` batches, counts images
-    for ``seconds``; returns the child's JSON record (configuration included).
+    least ``workers`` shards. ``main_threads`` is the torch thread count of the
+    child's main process (None: torch's default). After ``warmup_batches``
+    batches, counts images for ``seconds``; returns the child's JSON record
+    (configuration, versions and the machine's load included).
     """
     if not shards:
         raise ValueError("no shards")
@@ -313,11 +339,18 @@ def main() -> None:
         mb = sum(os.path.getsize(s) for s in shards) / 2 ** 20
         print(f"{args.shards} shards x {args.per_shard} JPEGs ({mb:.1f} MiB) written in "
               f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        results = []
         for workers in args.workers:
-            result = measure_peer(python, shards, image_size=args.image_size, batch_size=args.batch_size,
-                                  workers=workers, seconds=args.seconds, warmup_batches=args.warmup_batches,
-                                  resampled=not args.no_resample)
-            print(json.dumps(result), flush=True)
+            results.append(measure_peer(python, shards, image_size=args.image_size, batch_size=args.batch_size,
+                                        workers=workers, seconds=args.seconds, warmup_batches=args.warmup_batches,
+                                        resampled=not args.no_resample))
+            print(json.dumps(results[-1]), flush=True)
+    first = results[0]
+    print(f"\nopen_clip {first['open_clip']} ({first['pipeline']}), torch {first['torch']}; {args.shards} shards x "
+          f"{args.per_shard} JPEGs, {args.image_size} px, batch {args.batch_size}, {os.cpu_count()} cores")
+    for r in results:
+        print(f"  workers={r['workers']}: {r['images_per_second']:.1f} images/s "
+              f"({r['images']} images in {r['seconds']:.1f} s, load average {r['load_average_before']:.1f})")
 
 
 if __name__ == "__main__":
