@@ -185,6 +185,22 @@ def test_a_changed_batch_size_is_refused_and_allowed_with_the_flag(trained_softm
     assert metrics.read_metrics(workdir)[-1]["step"] == 26
 
 
+def test_a_field_added_since_the_run_started_passes_only_at_its_default(tmp_path):
+    from vlm_jax.config import base_config
+
+    defaults = base_config().to_dict()
+    old = json.loads(json.dumps(defaults, default=list))
+    del old["model"]["image"]["stem"]  # a workdir written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    new = base_config()
+    assert workdir_lib.check_resume(str(tmp_path), new.to_dict(), 10, False, defaults) == {}
+    new.model.image.stem = (16,)
+    with pytest.raises(Exception, match=r"config.model.image.stem was '<absent>', now \[16\]"):
+        workdir_lib.check_resume(str(tmp_path), new.to_dict(), 10, False, defaults)
+    with pytest.raises(Exception, match=r"config.model.image.stem was '<absent>', now \[\]"):  # no defaults: strict
+        workdir_lib.check_resume(str(tmp_path), base_config().to_dict(), 10, False)
+
+
 def test_extending_the_run_needs_no_flag(trained_softmax, data_dir, tmp_path):
     workdir = _copy(trained_softmax[0], tmp_path)
     train.train(load_tiny_config(data_dir, **{"train.steps": 26, "train.eval_every": 0}), workdir)

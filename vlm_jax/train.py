@@ -25,7 +25,8 @@ from typing import Sequence
 
 import jax
 
-from vlm_jax import checkpoint, evaluators, metrics as metrics_lib, parallel, session, step as step_lib
+from vlm_jax import checkpoint, config as config_lib, evaluators, metrics as metrics_lib, parallel, session
+from vlm_jax import step as step_lib
 from vlm_jax import workdir as workdir_lib
 from vlm_jax.data import pipeline
 from vlm_jax.errors import ConfigError, first_line
@@ -164,7 +165,8 @@ def _train(config, workdir, run, suite, signals, allow_config_change) -> dict[st
         start = 0
     else:
         start, state, data_state = restored
-        changes = workdir_lib.check_resume(workdir, config_dict, start, allow_config_change)
+        changes = workdir_lib.check_resume(workdir, config_dict, start, allow_config_change,
+                                           config_lib.base_config().to_dict())
         data_iter.set_state(data_state)
         print(f"resumed from {workdir} at step {start}", file=sys.stderr)
         for key, (old, new) in changes.items():

@@ -110,21 +110,31 @@ def read_history(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def changed_fields(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-    """{field: (old, new)} of the computation-changing fields that differ."""
+def changed_fields(old: dict, new: dict, defaults: dict | None = None) -> dict[str, tuple[Any, Any]]:
+    """{field: (old, new)} of the computation-changing fields that differ.
+
+    A field the old config lacks (added to the library after that run
+    started) is no change while the new config keeps it at its default in
+    ``defaults``: a new field's default is the behaviour from before it."""
     a, b = flatten_config(old), flatten_config(new)
+    d = flatten_config(json.loads(json.dumps(defaults, default=list))) if defaults else {}
     out = {}
     for key in sorted(set(a) | set(b)):
         if key.startswith(FREE_TO_CHANGE) or key in FREE_TO_CHANGE:
+            continue
+        if key not in a and key in b and key in d and b[key] == d[key]:
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             out[key] = (a.get(key, "<absent>"), b.get(key, "<absent>"))
     return out
 
 
-def check_resume(workdir: str, config: dict, step: int, allow_change: bool) -> dict[str, tuple[Any, Any]]:
+def check_resume(workdir: str, config: dict, step: int, allow_change: bool,
+                 defaults: dict | None = None) -> dict[str, tuple[Any, Any]]:
     """Refuses (ConfigError) to resume at ``step`` with a computation-changing
-    config change unless ``allow_change``; returns the changes."""
+    config change unless ``allow_change``; returns the changes. ``defaults``
+    (the schema's defaults, ``base_config().to_dict()``) lets a field added
+    since the run started pass at its default."""
     config = json.loads(json.dumps(config, default=list))  # tuples as JSON has them
     history = read_history(workdir)
     if not history:
@@ -133,7 +143,7 @@ def check_resume(workdir: str, config: dict, step: int, allow_change: bool) -> d
             return {}
         with open(path) as f:  # a workdir written before the history existed
             history = [{"step": 0, "config": json.load(f)}]
-    changes = changed_fields(history[-1]["config"], config)
+    changes = changed_fields(history[-1]["config"], config, defaults)
     if changes and not allow_change:
         listed = "; ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in list(changes.items())[:5])
         raise ConfigError(

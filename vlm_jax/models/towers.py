@@ -152,7 +152,7 @@ class ViT(nn.Module):
     (its config.model.image fields and defaults); ``from_config``; ``check``."""
 
     CONFIG: ClassVar[dict[str, Any]] = dict(patch_size=4, width=96, depth=3, mlp_dim=384, num_heads=4,
-                                            posemb="learn", pool="gap")
+                                            posemb="learn", pool="gap", stem=())
 
     patch_size: int
     width: int
@@ -164,11 +164,17 @@ class ViT(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = "none"
     scan: bool = False
+    # Convolutional stem (Xiao et al. 2021, "Early convolutions help
+    # transformers see better"): channel counts of 3×3 stride-2 convolutions,
+    # each followed by LayerNorm and GELU, applied before the patch embedding,
+    # which then covers patch_size / 2**len(stem) pixels of the stem's output.
+    # The tokens stay (image_size // patch_size)²; () is the plain ViT.
+    stem: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, c, model_cfg, vocab_size: int) -> "ViT":
         return cls(c.patch_size, c.width, c.depth, c.mlp_dim, c.num_heads, c.posemb, c.pool,
-                   jnp.dtype(model_cfg.dtype), model_cfg.remat, model_cfg.scan)
+                   jnp.dtype(model_cfg.dtype), model_cfg.remat, model_cfg.scan, tuple(c.stem))
 
     @classmethod
     def check(cls, config) -> None:
@@ -178,12 +184,22 @@ class ViT(nn.Module):
         require(0 < c.patch_size <= config.data.image_size, "model.image.patch_size",
                 f"{c.patch_size} must be positive and at most data.image_size={config.data.image_size}")
         require(c.width % c.num_heads == 0, "model.image.num_heads", f"{c.num_heads} does not divide width {c.width}")
+        stem = tuple(c.stem)
+        require(all(isinstance(ch, int) and ch > 0 for ch in stem), "model.image.stem",
+                f"must be a tuple of positive channel counts, got {c.stem!r}")
+        require(c.patch_size % (1 << len(stem)) == 0, "model.image.stem",
+                f"{len(stem)} stride-2 convolutions need patch_size divisible by {1 << len(stem)}, "
+                f"got patch_size={c.patch_size}")
 
     @nn.compact
     def __call__(self, images):
         chex.assert_rank(images, 4)
-        p = self.patch_size
-        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="patch_embed")(images)
+        x = images
+        for i, channels in enumerate(self.stem):
+            x = nn.Conv(channels, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype, name=f"stem_conv{i}")(x)
+            x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name=f"stem_ln{i}")(x))
+        p = self.patch_size >> len(self.stem)
+        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="patch_embed")(x)
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
         if self.posemb == "learn":
