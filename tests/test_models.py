@@ -32,6 +32,27 @@ def test_vit_pools_to_width(pool, posemb):
     assert ("pos_embed" in params["params"]) == (posemb == "learn")
 
 
+@pytest.mark.parametrize("stem", [(8,), (8, 16)])
+def test_a_conv_stem_keeps_the_tokens_and_shrinks_the_patch_embedding(stem):
+    m = _vit(stem=stem)
+    x = jnp.zeros((2, 16, 16, 3))
+    params = m.init(jax.random.PRNGKey(0), x)
+    pooled, tokens = m.apply(params, x)
+    assert pooled.shape == (2, 32) and tokens.shape == (2, 16, 32)  # (16 / patch 4)² tokens, as without a stem
+    p = params["params"]
+    assert [p[f"stem_conv{i}"]["kernel"].shape[-1] for i in range(len(stem))] == list(stem)
+    assert p["patch_embed"]["kernel"].shape[:2] == (4 >> len(stem),) * 2  # each stem conv halves the grid
+
+
+def test_a_stem_that_does_not_divide_the_patch_is_a_config_error():
+    from vlm_jax.config import ConfigError, base_config, check_config
+
+    c = base_config()
+    c.model.image.stem = (8, 16, 32)  # 8 does not divide patch_size 4
+    with pytest.raises(ConfigError, match=r"config.model.image.stem: 3 stride-2 convolutions need patch_size"):
+        check_config(c)
+
+
 @pytest.mark.parametrize("pool", ["eos", "last", "mean"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_text_tower_is_invariant_to_trailing_padding_where_it_should_be(pool, causal):

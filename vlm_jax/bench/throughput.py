@@ -19,7 +19,8 @@ from typing import Sequence
 
 
 def analytic_train_flops(config, batch: int) -> float:
-    """3 × forward matmul FLOPs of both towers + the loss's model count.
+    """3 × forward matmul FLOPs of both towers (the image tower's conv stem
+    and patch embedding included) + the loss's model count.
 
     Per token and block: 2·(4·w² + 2·w·m) for the projections and MLP, plus
     2·2·n·w for the attention scores and their weighted sum (n tokens)."""
@@ -29,7 +30,13 @@ def analytic_train_flops(config, batch: int) -> float:
 
     ic, tc = config.model.image, config.model.text
     patches = (config.data.image_size // ic.patch_size) ** 2
-    patch_embed = 2 * patches * (ic.patch_size ** 2 * 3) * ic.width
+    side, channels, stem = config.data.image_size, 3, 0  # the conv stem: 3x3 stride-2 convolutions (SAME)
+    for c in ic.stem:
+        side = -(-side // 2)
+        stem += 2 * side * side * 9 * channels * c
+        channels = c
+    p = ic.patch_size >> len(ic.stem)
+    patch_embed = stem + 2 * patches * (p * p * channels) * ic.width
     forward = (tower(ic.width, ic.depth, ic.mlp_dim, patches) + patch_embed
                + tower(tc.width, tc.depth, tc.mlp_dim, tc.max_len)
                + 2 * config.model.embed_dim * (ic.width + tc.width))
