@@ -108,3 +108,18 @@ def test_compare_groups_by_what_differs_and_not_by_seed(trained_softmax):
     fields, groups = compare.group_runs(runs)
     assert fields == [] and len(groups) == 1 and len(groups[0].runs) == 1
     assert compare.mean_std([1.0, 3.0]) == (2.0, pytest.approx(np.sqrt(2.0)))
+
+
+def test_fields_that_vary_together_are_one_plot_axis():
+    def group(**fields):
+        return compare.Group({f"config.{k.replace('__', '.')}": v for k, v in fields.items()}, [])
+
+    groups = [group(loss__kind=kind, loss__log_t_init=t, train__batch_size=b, train__steps=16384 // b)
+              for kind, t in (("softmax", 2.66), ("sigmoid", 2.30)) for b in (16, 64, 256)]
+    fields = sorted(groups[0].fields)
+    assert compare.covarying_classes(fields, groups) == [["config.loss.kind", "config.loss.log_t_init"],
+                                                         ["config.train.batch_size", "config.train.steps"]]
+    assert compare.covarying_classes(fields, groups, lead=["config.train.steps"])[1] == [
+        "config.train.steps", "config.train.batch_size"]
+    grid = [group(a=a, b=b) for a in (1, 2) for b in (1, 2)]  # a grid: independent axes
+    assert compare.covarying_classes(["config.a", "config.b"], grid) == [["config.a"], ["config.b"]]

@@ -11,7 +11,9 @@ otherwise), averaged over the group with the sample standard deviation
 (n − 1; 0 for a single seed). Writes DIR/summary.md (the metrics matching
 ``--metrics``), DIR/summary.csv (every metric) and, with matplotlib,
 DIR/plots/<metric>.png (the metric against step, one line per run) and
-DIR/plots/<metric>_vs_<field>.png (final value against each varied field).
+DIR/plots/<metric>_vs_<field>.png (final value against each varied field;
+fields that vary together, like zipped sweep axes, are one axis named by
+the first of them).
 ``python -m vlm_jax.sweep`` writes the same summary for its arms.
 """
 
@@ -98,6 +100,31 @@ def group_runs(runs: Sequence[Run]) -> tuple[list[str], list[Group]]:
     return fields, list(groups.values())
 
 
+def covarying_classes(fields: Sequence[str], groups: Sequence[Group], lead: Sequence[str] = ()) -> list[list[str]]:
+    """The varied fields in classes of fields that vary together: two fields
+    are in one class when, over the groups, each value of one goes with one
+    value of the other (zipped sweep axes; a loss and its temperature init).
+    Each class is one axis of the plots against a swept value; a field in
+    ``lead`` (``config.``-prefixed) comes first in its class and names it."""
+    def cells(f):
+        return [_cell(g.fields[f]) for g in groups]
+
+    def one_to_one(a, b):
+        pairs = set(zip(cells(a), cells(b)))
+        return len(pairs) == len(set(cells(a))) == len(set(cells(b)))
+
+    classes: list[list[str]] = []
+    for f in fields:
+        for c in classes:
+            if one_to_one(c[0], f):
+                c.append(f)
+                break
+        else:
+            classes.append([f])
+    rank = {f: i for i, f in enumerate(lead)}
+    return [sorted(c, key=lambda f: rank.get(f, len(rank))) for c in classes]
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n − 1); 0 for one value."""
     v = np.asarray(values, np.float64)
@@ -110,8 +137,10 @@ def metric_names(runs: Sequence[Run]) -> list[str]:
 
 
 def summarize(workdirs: Sequence[str], out: str, patterns: Sequence[str] = DEFAULT_METRICS,
-              plots: bool = True) -> list[dict[str, Any]]:
-    """Writes summary.md, summary.csv and plots for ``workdirs`` into ``out``; returns the CSV rows."""
+              plots: bool = True, lead: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Writes summary.md, summary.csv and plots for ``workdirs`` into ``out``
+    (``lead``: fields that name their plot axis, see ``covarying_classes``);
+    returns the CSV rows."""
     runs = [load_run(w) for w in workdirs]
     fields, groups = group_runs(runs)
     metrics = metric_names(runs)
@@ -134,7 +163,7 @@ def summarize(workdirs: Sequence[str], out: str, patterns: Sequence[str] = DEFAU
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(markdown(fields, groups, shown))
     if plots:
-        plot(fields, groups, shown, os.path.join(out, "plots"))
+        plot(fields, groups, shown, os.path.join(out, "plots"), lead)
     return rows
 
 
@@ -166,7 +195,8 @@ def _format(metric: str, mean: float, std: float, n: int) -> str:
     return f"{text} ± {std * scale:.{digits}f}" if n > 1 else text
 
 
-def plot(fields: Sequence[str], groups: Sequence[Group], metrics: Sequence[str], out: str) -> None:
+def plot(fields: Sequence[str], groups: Sequence[Group], metrics: Sequence[str], out: str,
+         lead: Sequence[str] = ()) -> None:
     try:
         import matplotlib
 
@@ -191,20 +221,23 @@ def plot(fields: Sequence[str], groups: Sequence[Group], metrics: Sequence[str],
         fig.tight_layout()
         fig.savefig(os.path.join(out, _file(m) + ".png"), dpi=110)
         plt.close(fig)
-        for f in fields:
-            others = [o for o in fields if o != f]
-            lines: dict[str, list[tuple[Any, float, float]]] = {}
+        classes = covarying_classes(fields, groups, [f if f.startswith("config.") else f"config.{f}" for f in lead])
+        for axis in classes:
+            others = [c[0] for c in classes if c is not axis]  # one field names each other axis
+            lines: dict[str, list[tuple[str, float, float]]] = {}
             for g in groups:
                 key = ", ".join(f"{_short(o).split('.')[-1]}={_cell(g.fields[o])}" for o in others) or m
-                lines.setdefault(key, []).append((g.fields[f], *mean_std([r.final(m) for r in g.runs])))
+                x = " / ".join(_cell(g.fields[f]) for f in axis)
+                lines.setdefault(key, []).append((x, *mean_std([r.final(m) for r in g.runs])))
             fig, ax = plt.subplots(figsize=(6, 4))
-            xs = sorted({_cell(p[0]) for pts in lines.values() for p in pts}, key=_sort_key)
+            xs = sorted({p[0] for pts in lines.values() for p in pts}, key=lambda x: _sort_key(x.split(" / ")[0]))
             for i, (key, pts) in enumerate(lines.items()):
-                pts = sorted(pts, key=lambda p: _sort_key(_cell(p[0])))
-                ax.errorbar([xs.index(_cell(p[0])) for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                pts = sorted(pts, key=lambda p: xs.index(p[0]))
+                ax.errorbar([xs.index(p[0]) for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
                             marker="o", capsize=3, color=colours[i % len(colours)], label=key)
             ax.set_xticks(range(len(xs)), xs)
-            ax.set_xlabel(_short(f))
+            ax.set_xlabel(" / ".join(_short(f) for f in axis))
+            f = axis[0]
             ax.set_ylabel(f"{m} (final)")
             ax.legend(fontsize=7)
             fig.tight_layout()
@@ -229,9 +262,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="directory for summary.md, summary.csv and plots/")
     p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help="regexes of metrics for summary.md")
     p.add_argument("--no_plots", action="store_true")
+    p.add_argument("--lead", nargs="+", default=[], metavar="FIELD",
+                   help="fields that name their axis when several vary together (e.g. train.batch_size)")
     args = p.parse_args(argv)
     try:
-        summarize(args.workdirs, args.out, args.metrics, plots=not args.no_plots)
+        summarize(args.workdirs, args.out, args.metrics, plots=not args.no_plots, lead=args.lead)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     with open(os.path.join(args.out, "summary.md")) as f:

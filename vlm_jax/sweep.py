@@ -192,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {len(failed)} arms failed ({', '.join(failed)}); fix the cause and rerun the same command "
               f"(finished arms are kept)", file=sys.stderr)
         return 1
-    compare.summarize([os.path.join(args.out, "arms", a["name"]) for a in arm_list], args.out, args.metrics)
+    compare.summarize([os.path.join(args.out, "arms", a["name"]) for a in arm_list], args.out, args.metrics,
+                      lead=[spec[0] for spec in args.sweep + args.zip])  # the command's own order names the axes
     print(f"sweep: done; {os.path.join(args.out, 'summary.md')}", file=sys.stderr)
     return 0
 

@@ -10,4 +10,5 @@ for loss in softmax sigmoid; do
     --seeds 0 1 2 --parallel "${PARALLEL:-1}" "${@:2}"
 done
 python -m vlm_jax.compare "$OUT"/softmax/arms/* "$OUT"/sigmoid/arms/* --out "$OUT" \
-  --metrics '^train/loss$' '^zeroshot/.*/top1$' '^retrieval/.*/i2t_r1$' '^retrieval/.*/t2i_r1$'
+  --metrics '^train/loss$' '^zeroshot/.*/top1$' '^retrieval/.*/i2t_r1$' '^retrieval/.*/t2i_r1$' \
+  --lead loss.kind train.batch_size
