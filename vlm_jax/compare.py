@@ -223,11 +223,12 @@ def plot(fields: Sequence[str], groups: Sequence[Group], metrics: Sequence[str],
         plt.close(fig)
         classes = covarying_classes(fields, groups, [f if f.startswith("config.") else f"config.{f}" for f in lead])
         for axis in classes:
+            f = axis[0]  # names the axis (and the file)
             others = [c[0] for c in classes if c is not axis]  # one field names each other axis
             lines: dict[str, list[tuple[str, float, float]]] = {}
             for g in groups:
                 key = ", ".join(f"{_short(o).split('.')[-1]}={_cell(g.fields[o])}" for o in others) or m
-                x = " / ".join(_cell(g.fields[f]) for f in axis)
+                x = " / ".join(_cell(g.fields[a]) for a in axis)
                 lines.setdefault(key, []).append((x, *mean_std([r.final(m) for r in g.runs])))
             fig, ax = plt.subplots(figsize=(6, 4))
             xs = sorted({p[0] for pts in lines.values() for p in pts}, key=lambda x: _sort_key(x.split(" / ")[0]))
@@ -236,8 +237,7 @@ def plot(fields: Sequence[str], groups: Sequence[Group], metrics: Sequence[str],
                 ax.errorbar([xs.index(p[0]) for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
                             marker="o", capsize=3, color=colours[i % len(colours)], label=key)
             ax.set_xticks(range(len(xs)), xs)
-            ax.set_xlabel(" / ".join(_short(f) for f in axis))
-            f = axis[0]
+            ax.set_xlabel(" / ".join(_short(a) for a in axis))
             ax.set_ylabel(f"{m} (final)")
             ax.legend(fontsize=7)
             fig.tight_layout()
