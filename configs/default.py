@@ -8,9 +8,10 @@ InfoNCE between two augmented views), ``:filip`` (token-wise late interaction).
 
 The recipe (docs/ablations.md has the trials behind it): a ViT whose 8-pixel
 patches are cut by a three-convolution stem (16 tokens: the whole run, crops
-included, trains at twice the examples/s of the plain patch-4 ViT), 1,000 steps of batch 128, random crops of 35–100 %
-of the image (scale jitter: without it the model tells shapes apart by their
-pixel area, a shortcut), and the softmax (CLIP) temperature started at t = 30.
+included, trains at twice the examples/s of the plain patch-4 ViT), 1,000
+steps of batch 128, random crops of 35–100 % of the image (scale jitter:
+without it the model tells shapes apart by their pixel area, a shortcut),
+and the softmax (CLIP) temperature started at t = 30.
 """
 
 import math
