@@ -186,7 +186,7 @@ def test_a_changed_batch_size_is_refused_and_allowed_with_the_flag(trained_softm
 
 
 def test_a_field_added_since_the_run_started_passes_only_at_its_default(tmp_path):
-    from vlm_jax.config import base_config
+    from vlm_jax.config import ConfigError, base_config
 
     defaults = base_config().to_dict()
     old = json.loads(json.dumps(defaults, default=list))
@@ -195,9 +195,9 @@ def test_a_field_added_since_the_run_started_passes_only_at_its_default(tmp_path
     new = base_config()
     assert workdir_lib.check_resume(str(tmp_path), new.to_dict(), 10, False, defaults) == {}
     new.model.image.stem = (16,)
-    with pytest.raises(Exception, match=r"config.model.image.stem was '<absent>', now \[16\]"):
+    with pytest.raises(ConfigError, match=r"config.model.image.stem was '<absent>', now \[16\]"):
         workdir_lib.check_resume(str(tmp_path), new.to_dict(), 10, False, defaults)
-    with pytest.raises(Exception, match=r"config.model.image.stem was '<absent>', now \[\]"):  # no defaults: strict
+    with pytest.raises(ConfigError, match=r"config.model.image.stem was '<absent>', now \[\]"):  # no defaults: strict
         workdir_lib.check_resume(str(tmp_path), base_config().to_dict(), 10, False)
 
 

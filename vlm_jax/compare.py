@@ -207,6 +207,7 @@ def plot(fields: Sequence[str], groups: Sequence[Group], metrics: Sequence[str],
         return
     os.makedirs(out, exist_ok=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    classes = covarying_classes(fields, groups, [f if f.startswith("config.") else f"config.{f}" for f in lead])
     for m in metrics:
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, g in enumerate(groups):
@@ -221,7 +222,6 @@ def plot(fields: Sequence[str], groups: Sequence[Group], metrics: Sequence[str],
         fig.tight_layout()
         fig.savefig(os.path.join(out, _file(m) + ".png"), dpi=110)
         plt.close(fig)
-        classes = covarying_classes(fields, groups, [f if f.startswith("config.") else f"config.{f}" for f in lead])
         for axis in classes:
             f = axis[0]  # names the axis (and the file)
             others = [c[0] for c in classes if c is not axis]  # one field names each other axis
