@@ -42,15 +42,31 @@ def sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.n
     return pe[None].astype(np.float32)
 
 
+# The MLP's nonlinearity by name (config.model.image.act, config.model.text.act):
+# the published weights were trained with one of these, and the others are
+# measurably different functions (up to 1e-3 at |x| ~ 2), so a converted
+# checkpoint keeps its own.
+ACTIVATIONS: dict[str, Any] = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # flax's default; big_vision (SigLIP)
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # the erf form: torch.nn.GELU (OpenCLIP, timm)
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),  # OpenAI's CLIP weights
+}
+
+
+def check_act(field: str, act: str) -> None:
+    require(act in ACTIVATIONS, field, f"must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+
+
 class MlpBlock(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
+    act: str = "gelu_tanh"
 
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
         x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
-        x = nn.gelu(x)
+        x = ACTIVATIONS[self.act](x)
         return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
 
 
@@ -60,14 +76,16 @@ class EncoderBlock(nn.Module):
     mlp_dim: int
     num_heads: int
     dtype: Dtype = jnp.float32
+    act: str = "gelu_tanh"
+    norm_eps: float = 1e-6  # flax's and big_vision's; torch's LayerNorm (OpenCLIP) uses 1e-5
 
     @nn.compact
     def __call__(self, x, mask=None):
-        y = nn.LayerNorm(dtype=self.dtype, name="ln1")(x)
+        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln1")(x)
         y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, name="attn")(y, y, mask=mask)
         x = x + y
-        y = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
-        return x + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(y)
+        y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln2")(x)
+        return x + MlpBlock(self.mlp_dim, self.dtype, self.act, name="mlp")(y)
 
 
 # Rematerialisation policies by name (config.model.remat): what the backward
@@ -95,10 +113,14 @@ class _ScannedBlock(nn.Module):
     num_heads: int
     dtype: Dtype
     remat: str
+    act: str
+    norm_eps: float
 
     @nn.compact
     def __call__(self, x, mask):
-        return _block_cls(self.remat, True)(self.mlp_dim, self.num_heads, self.dtype, name="block")(x, mask), None
+        block = _block_cls(self.remat, True)(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps,
+                                             name="block")
+        return block(x, mask), None
 
 
 class Encoder(nn.Module):
@@ -114,18 +136,21 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = "none"
     scan: bool = False
+    act: str = "gelu_tanh"
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, mask=None):
         if self.scan:
             stack = nn.scan(_ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=nn.broadcast, length=self.depth)
-            x, _ = stack(self.mlp_dim, self.num_heads, self.dtype, self.remat, name="blocks")(x, mask)
+            x, _ = stack(self.mlp_dim, self.num_heads, self.dtype, self.remat, self.act, self.norm_eps,
+                         name="blocks")(x, mask)
         else:
             block = _block_cls(self.remat, False)
             for i in range(self.depth):
-                x = block(self.mlp_dim, self.num_heads, self.dtype, name=f"block{i}")(x, mask)
-        return nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
+                x = block(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps, name=f"block{i}")(x, mask)
+        return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln_final")(x)
 
 
 class MAPHead(nn.Module):
@@ -134,13 +159,16 @@ class MAPHead(nn.Module):
     mlp_dim: int
     num_heads: int
     dtype: Dtype = jnp.float32
+    act: str = "gelu_tanh"
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x):
         probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]))
         probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(x.dtype)
         y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, name="attn")(probe, x)
-        y = y + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(nn.LayerNorm(dtype=self.dtype, name="ln")(y))
+        ln = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln")
+        y = y + MlpBlock(self.mlp_dim, self.dtype, self.act, name="mlp")(ln(y))
         return y[:, 0]
 
 
@@ -149,10 +177,20 @@ class ViT(nn.Module):
 
     Tower contract (every image tower): ``__call__(uint8-normalised images)``
     -> (pooled, tokens); a ``width`` attribute (the pooled size); ``CONFIG``
-    (its config.model.image fields and defaults); ``from_config``; ``check``."""
+    (its config.model.image fields and defaults); ``from_config``; ``check``.
+
+    The options that published checkpoints differ by (``configs/published.py``
+    sets them; ``vlm_jax.weights`` converts): ``pool`` "cls" (a class token,
+    whose position embedding is the first of n + 1, as OpenAI/OpenCLIP), "gap"
+    or "map" (SigLIP's attention pooling); ``ln_pre`` (a LayerNorm before the
+    first block, OpenAI/OpenCLIP); ``patch_bias`` (OpenCLIP's patch embedding
+    has none); ``act`` and ``norm_eps``; ``pixel_mean``/``pixel_std``: the
+    input normalisation the weights expect, per RGB channel in [0, 1] units
+    (OpenAI's statistics for CLIP); () keeps the pipeline's [-1, 1] (SigLIP's)."""
 
     CONFIG: ClassVar[dict[str, Any]] = dict(patch_size=4, width=96, depth=3, mlp_dim=384, num_heads=4,
-                                            posemb="learn", pool="gap", stem=())
+                                            posemb="learn", pool="gap", stem=(), act="gelu_tanh", norm_eps=1e-6,
+                                            ln_pre=False, patch_bias=True, pixel_mean=(), pixel_std=())
 
     patch_size: int
     width: int
@@ -170,11 +208,18 @@ class ViT(nn.Module):
     # which then covers patch_size / 2**len(stem) pixels of the stem's output.
     # The tokens stay (image_size // patch_size)²; () is the plain ViT.
     stem: tuple[int, ...] = ()
+    act: str = "gelu_tanh"
+    norm_eps: float = 1e-6
+    ln_pre: bool = False
+    patch_bias: bool = True
+    pixel_mean: tuple[float, ...] = ()
+    pixel_std: tuple[float, ...] = ()
 
     @classmethod
     def from_config(cls, c, model_cfg, vocab_size: int) -> "ViT":
         return cls(c.patch_size, c.width, c.depth, c.mlp_dim, c.num_heads, c.posemb, c.pool,
-                   jnp.dtype(model_cfg.dtype), model_cfg.remat, model_cfg.scan, tuple(c.stem))
+                   jnp.dtype(model_cfg.dtype), model_cfg.remat, model_cfg.scan, tuple(c.stem), c.act,
+                   float(c.norm_eps), bool(c.ln_pre), bool(c.patch_bias), tuple(c.pixel_mean), tuple(c.pixel_std))
 
     @classmethod
     def check(cls, config) -> None:
@@ -190,50 +235,84 @@ class ViT(nn.Module):
         require(c.patch_size % (1 << len(stem)) == 0, "model.image.stem",
                 f"{len(stem)} stride-2 convolutions need patch_size divisible by {1 << len(stem)}, "
                 f"got patch_size={c.patch_size}")
+        check_act("model.image.act", c.act)
+        require(c.pool in ("cls", "gap", "map"), "model.image.pool", f"must be 'cls', 'gap' or 'map', got {c.pool!r}")
+        for name in ("pixel_mean", "pixel_std"):
+            v = tuple(c[name])
+            require(len(v) in (0, 3) and all(isinstance(x, (int, float)) for x in v), f"model.image.{name}",
+                    f"must be () or three numbers (R, G, B in [0, 1] units), got {c[name]!r}")
+        require(bool(c.pixel_mean) == bool(c.pixel_std), "model.image.pixel_std",
+                "pixel_mean and pixel_std are set together (both three numbers, or both ())")
+        require(all(x > 0 for x in c.pixel_std), "model.image.pixel_std", f"must be positive, got {c.pixel_std!r}")
+
+    def _normalise(self, x):
+        """[-1, 1] pixels (the pipeline's) -> (x01 - mean) / std, the weights' own statistics."""
+        if not self.pixel_mean:
+            return x
+        mean = jnp.asarray(self.pixel_mean, jnp.float32)
+        std = jnp.asarray(self.pixel_std, jnp.float32)
+        return (((x.astype(jnp.float32) + 1.0) * 0.5 - mean) / std).astype(x.dtype)
 
     @nn.compact
     def __call__(self, images):
         chex.assert_rank(images, 4)
-        x = images
+        x = self._normalise(images)
         for i, channels in enumerate(self.stem):
             x = nn.Conv(channels, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype, name=f"stem_conv{i}")(x)
             x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name=f"stem_ln{i}")(x))
         p = self.patch_size >> len(self.stem)
-        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="patch_embed")(x)
+        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", use_bias=self.patch_bias, dtype=self.dtype,
+                    name="patch_embed")(x)
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
+        cls_token = self.pool == "cls"
+        if cls_token:  # the class token comes first and has a position embedding of its own
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
+            x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)).astype(x.dtype), x], axis=1)
+        n = h * w + cls_token
         if self.posemb == "learn":
-            pe = self.param("pos_embed", nn.initializers.normal(stddev=c**-0.5), (1, h * w, c))
+            pe = self.param("pos_embed", nn.initializers.normal(stddev=c**-0.5), (1, n, c))
         elif self.posemb == "sincos2d":
             pe = jnp.asarray(sincos_2d(h, w, c))
+            if cls_token:
+                pe = jnp.concatenate([jnp.zeros((1, 1, c), pe.dtype), pe], axis=1)
         else:
             raise ValueError(f"config.model.image.posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
         x = x + pe.astype(x.dtype)
-        if self.pool == "cls":
-            cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
-            x = jnp.concatenate([jnp.tile(cls, (b, 1, 1)).astype(x.dtype), x], axis=1)
-        x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat, self.scan, name="encoder")(x)
+        if self.ln_pre:
+            x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln_pre")(x)
+        x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat, self.scan, self.act,
+                    self.norm_eps, name="encoder")(x)
         if self.pool == "cls":
             return x[:, 0], x[:, 1:]
         if self.pool == "gap":
             return x.mean(axis=1), x
         if self.pool == "map":
-            return MAPHead(self.mlp_dim, self.num_heads, self.dtype, name="map_head")(x), x
+            return MAPHead(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps, name="map_head")(x), x
         raise ValueError(f"config.model.image.pool must be 'cls', 'gap' or 'map', got {self.pool!r}")
+
+
+TEXT_POOLS = ("eos", "argmax", "first", "last", "mean")
 
 
 class TextTransformer(nn.Module):
     """Transformer text tower over int token ids (0 = padding); returns
-    (pooled (B, width), tokens (B, L, width)); padding tokens are 0 in ``tokens``.
+    (pooled (B, width), tokens (B, L, width)).
 
     ``pool``: "eos" takes the last non-padding token (the tokenizers put EOS
-    there), "last" the final position, "mean" the mean over non-padding tokens.
+    there), "argmax" the position of the largest token id (CLIP's BPE: its EOT
+    token has the largest id), "first" and "last" a fixed position, "mean" the
+    mean over non-padding tokens. ``mask_padding``: padding keys are masked
+    out of attention; False attends to them as OpenCLIP and big_vision do
+    (with ``causal`` this changes nothing before the EOT token; for SigLIP's
+    bidirectional tower it is part of the published computation).
     Tower contract (every text tower): ``__call__(tokens)`` -> (pooled, tokens);
     ``width`` and ``max_len`` attributes; ``CONFIG``, ``from_config``, ``check``.
     """
 
     CONFIG: ClassVar[dict[str, Any]] = dict(max_len=16, width=96, depth=2, mlp_dim=384, num_heads=4, causal=True,
-                                            pool="eos", vocab_size=0)  # vocab_size 0: the tokenizer's
+                                            pool="eos", vocab_size=0,  # vocab_size 0: the tokenizer's
+                                            mask_padding=True, act="gelu_tanh", norm_eps=1e-6)
 
     vocab_size: int
     max_len: int
@@ -246,18 +325,24 @@ class TextTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = "none"
     scan: bool = False
+    mask_padding: bool = True
+    act: str = "gelu_tanh"
+    norm_eps: float = 1e-6
 
     @classmethod
     def from_config(cls, c, model_cfg, vocab_size: int) -> "TextTransformer":
         if c.vocab_size and c.vocab_size < vocab_size:
             raise ValueError(f"config.model.text.vocab_size={c.vocab_size} is smaller than the tokenizer's {vocab_size}")
         return cls(c.vocab_size or vocab_size, c.max_len, c.width, c.depth, c.mlp_dim, c.num_heads, c.causal, c.pool,
-                   jnp.dtype(model_cfg.dtype), model_cfg.remat, model_cfg.scan)
+                   jnp.dtype(model_cfg.dtype), model_cfg.remat, model_cfg.scan, bool(c.mask_padding), c.act,
+                   float(c.norm_eps))
 
     @classmethod
     def check(cls, config) -> None:
         c = config.model.text
         require(c.width % c.num_heads == 0, "model.text.num_heads", f"{c.num_heads} does not divide width {c.width}")
+        require(c.pool in TEXT_POOLS, "model.text.pool", f"must be one of {TEXT_POOLS}, got {c.pool!r}")
+        check_act("model.text.act", c.act)
 
     @nn.compact
     def __call__(self, tokens):
@@ -269,22 +354,29 @@ class TextTransformer(nn.Module):
         pe = self.param("pos_embed", nn.initializers.normal(stddev=0.01), (1, self.max_len, self.width))
         x = (x + pe[:, :length]).astype(self.dtype)
         valid = tokens != 0
-        mask = nn.make_attention_mask(valid, valid)
+        mask = None
+        if self.mask_padding:
+            mask = nn.make_attention_mask(valid, valid)
+            # A row of padding attends to nothing; let padded queries see themselves
+            # so softmax stays finite (their outputs are never pooled).
+            mask = jnp.logical_or(mask, jnp.eye(length, dtype=bool)[None, None])
         if self.causal:
             mask = nn.combine_masks(mask, nn.make_causal_mask(tokens))
-        # A row of padding attends to nothing; let padded queries see themselves
-        # so softmax stays finite (their outputs are never pooled).
-        mask = jnp.logical_or(mask, jnp.eye(length, dtype=bool)[None, None])
-        x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat, self.scan, name="encoder")(x, mask)
+        x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat, self.scan, self.act,
+                    self.norm_eps, name="encoder")(x, mask)
         if self.pool == "eos":
             last = jnp.maximum(valid.sum(axis=1) - 1, 0)
             return x[jnp.arange(b), last], x
+        if self.pool == "argmax":
+            return x[jnp.arange(b), jnp.argmax(tokens, axis=1)], x
+        if self.pool == "first":
+            return x[:, 0], x
         if self.pool == "last":
             return x[:, -1], x
         if self.pool == "mean":
             w = valid.astype(x.dtype)[..., None]
             return (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0), x
-        raise ValueError(f"config.model.text.pool must be 'eos', 'last' or 'mean', got {self.pool!r}")
+        raise ValueError(f"config.model.text.pool must be one of {TEXT_POOLS}, got {self.pool!r}")
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
