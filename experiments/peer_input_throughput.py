@@ -27,7 +27,8 @@ busy machine (16 images/s instead of 170 here with the other core loaded).
 ``main_threads=None`` keeps torch's default, as open_clip's own trainer does.
 
 It all runs in a separate virtual environment (torch, torchvision, webdataset,
-open_clip_torch[training]), made by :func:`ensure_peer_venv`; none of it is a
+open_clip_torch[training]), made by :func:`ensure_peer_venv` (the shared
+``vlm_jax.bench.peer_env``); none of it is a
 dependency of vlm_jax, and this module itself imports neither torch nor
 open_clip: :func:`measure_peer` runs the embedded ``_CHILD_SCRIPT`` with the
 environment's python and reads back one JSON line.
@@ -61,15 +62,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-DEFAULT_VENV = os.path.join(tempfile.gettempdir(), "vlm_jax_peer_venv")
+from vlm_jax.bench import peer_env
+
+DEFAULT_VENV = peer_env.DEFAULT_VENV
 
 # open_clip's "training" extra brings (and pins) webdataset, pandas, fsspec and
 # the rest that ``open_clip_train.data`` imports; braceexpand comes with
 # webdataset but is named since ``open_clip_train.data`` imports it directly.
 PEER_PACKAGES: tuple[str, ...] = (
     "torch", "torchvision", "open_clip_torch[training]", "webdataset", "braceexpand", "pandas")
-
-_MARKER = ".vlm_jax_peer_ready.json"
 
 _CHILD_SCRIPT = r'''
 import argparse
@@ -246,31 +247,8 @@ def write_jpeg_shards(out_dir: str, num_shards: int, per_shard: int, seed: int =
 
 
 def ensure_peer_venv(path: str = DEFAULT_VENV, packages: Sequence[str] = PEER_PACKAGES) -> str:
-    """Returns the python of a virtual environment at ``path`` holding open_clip's training stack.
-
-    Creates it with ``python -m venv`` and fills it with ``pip install -q
-    packages`` on first use (several GB and minutes: torch is PyPI's default
-    build); afterwards a marker file in it makes this instant.
-    """
-    python = os.path.join(path, "bin", "python")
-    marker = os.path.join(path, _MARKER)
-    if os.path.exists(marker) and os.path.exists(python):
-        return python
-    start = time.perf_counter()
-    print(f"peer venv: creating {path} and installing {' '.join(packages)} (minutes) ...",
-          file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "venv", path], check=True)
-    subprocess.run([python, "-m", "pip", "install", "-q", *packages], check=True)
-    versions = subprocess.run(
-        [python, "-c", "import json, importlib.metadata as m; print(json.dumps({p: m.version(p) for p in "
-                       "('torch', 'torchvision', 'webdataset', 'open_clip_torch')}))"],
-        check=True, capture_output=True, text=True).stdout.strip()
-    record = {"packages": list(packages), "versions": json.loads(versions),
-              "install_seconds": round(time.perf_counter() - start, 1)}
-    with open(marker, "w") as f:
-        json.dump(record, f)
-    print(f"peer venv: ready, {record}", file=sys.stderr, flush=True)
-    return python
+    """The python of the shared peer environment (``vlm_jax.bench.peer_env``) with open_clip's training stack."""
+    return peer_env.ensure_venv(packages, path)
 
 
 def _count_samples(shard: str) -> int:
