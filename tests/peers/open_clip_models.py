@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 torch.manual_seed(0)
 torch.set_num_threads(2)
 
-SIZE, PATCH, WIDTH, DEPTH, HEADS, CTX, VOCAB = 32, 8, 64, 2, 4, 16, 100
+SIZE, PATCH, WIDTH, DEPTH, HEADS, CTX, VOCAB = 32, 8, 64, 2, 4, 16, 128  # VOCAB: the tiny dataset's tokenizer
 CLIP_EMBED = 48
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
