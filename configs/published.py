@@ -17,8 +17,9 @@ Three families, each computing what its released weights were trained with
 - ``siglip_*`` (Zhai et al. 2023; So400m: Alabdulmohsin et al. 2023, at 384 px;
   big_vision's weights): MAP-head image pooling whose output is the embedding,
   tanh GELU, epsilon 1e-6, pixels in [-1, 1]; bidirectional 64-token text
-  attending to its padding, pooled at the last position, a text head with a
-  bias, 32,000-token vocabulary, sigmoid loss.
+  attending to its padding (its EOS id 1, as big_vision pads: ``pad_id=1``),
+  pooled at the last position, a text head with a bias, 32,000-token
+  vocabulary, sigmoid loss.
 
 Widths, depths, heads, MLP sizes, context lengths and vocabularies are the
 published ones (``tests/test_published.py`` checks the parameter counts); data
@@ -73,7 +74,8 @@ def get_config(name: str = "clip_vit_b16"):
     else:
         c.model.image.update(dict(pool="map", act="gelu_tanh", norm_eps=1e-6))
         c.model.text.update(dict(width=iw, depth=idp, mlp_dim=imlp, num_heads=ih, max_len=64, vocab_size=32000,
-                                 causal=False, pool="last", mask_padding=False, act="gelu_tanh", norm_eps=1e-6))
+                                 causal=False, pool="last", mask_padding=False, act="gelu_tanh", norm_eps=1e-6,
+                                 pad_id=1))
         c.loss.kind = "sigmoid"
         c.loss.log_t_init, c.loss.bias_init = math.log(10.0), -10.0
         c.model.image_projection = False  # SigLIP: the MAP head's output is the image embedding

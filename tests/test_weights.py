@@ -298,16 +298,19 @@ def test_embeddings_and_logits_equal_open_clip(peer_models, family):
 
 
 @pytest.mark.peer
-def test_the_activation_option_is_part_of_the_computation(peer_models):
-    """big_vision's tanh GELU (siglip_b16 as published) against OpenCLIP's exact
-    one: the same weights give measurably different embeddings."""
+@pytest.mark.parametrize("field,value,output", [("act", "gelu_tanh", "img"), ("pad_id", 0, "txt")])
+def test_the_family_options_are_part_of_the_computation(peer_models, field, value, output):
+    """The same SigLIP weights with big_vision's tanh GELU instead of open_clip's
+    exact one, or with the 0-padding seen instead of the EOS padding SigLIP's
+    tokenizers give, compute measurably different embeddings."""
     out, _, _ = peer_models
-    c = reduced("siglip", **{"model.image.act": "gelu_tanh", "model.text.act": "gelu_tanh"})
+    towers = ("image", "text") if field == "act" else ("text",)
+    c = reduced("siglip", **{f"model.{t}.{field}": value for t in towers})
     abstract, objective = abstract_of(c)
     params, _ = weights.import_params(os.path.join(out, "siglip", "weights.safetensors"), c, abstract,
                                       objective.scalar_names)
     io_ = np.load(os.path.join(out, "siglip", "io.npz"))
-    assert _rel(_outputs(c, params, io_["x01"], io_["tokens"])["img"], io_["img"]) > 1e-4
+    assert _rel(_outputs(c, params, io_["x01"], io_["tokens"])[output], io_[output]) > 1e-4
 
 
 @pytest.mark.peer

@@ -4,6 +4,7 @@ tests in ``tests/test_weights.py``. Not a test module; vlm_jax never imports it.
 
     python open_clip_models.py make OUT      # OUT/<family>/{weights.safetensors, weights.pt, io.npz}
     python open_clip_models.py load OUT      # OUT/<family>/exported.{safetensors,pt} -> OUT/<family>/reloaded.npz
+    python open_clip_models.py full NAME OUT # an open_clip model by name at its published size: OUT/{weights.safetensors, io.npz}
 
 Families (same structure as ``configs/published.py``, smaller): "clip"
 (OpenAI layout, QuickGELU), "openclip" (exact GELU), "siglip" (OpenCLIP's
@@ -63,17 +64,19 @@ def perturb(model: torch.nn.Module) -> None:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def inputs(family: str) -> tuple[np.ndarray, np.ndarray]:
+def inputs(family: str, size: int = SIZE, ctx: int = CTX, vocab: int = VOCAB, n: int = 4):
     rng = np.random.default_rng(2)
-    x01 = rng.random((4, SIZE, SIZE, 3), dtype=np.float32)
-    tokens = np.zeros((4, CTX), np.int64)
-    for i, n in enumerate((3, 7, 14, 1)):
-        if family == "siglip":  # any ids, zeros included: the tower attends to all of them
-            tokens[i] = rng.integers(0, VOCAB, CTX)
+    x01 = rng.random((n, size, size, 3), dtype=np.float32)
+    tokens = np.zeros((n, ctx), np.int64)
+    for i in range(n):
+        words = int(rng.integers(1, ctx - 2))
+        if family == "siglip":  # words, EOS (1), padding: 0 here, the EOS id for open_clip (see pixels_and_ids)
+            tokens[i, :words] = rng.integers(2, vocab, words)
+            tokens[i, words] = 1
         else:  # start token, words, end token (the largest id), padding
-            tokens[i, 0] = VOCAB - 2
-            tokens[i, 1:n + 1] = rng.integers(1, VOCAB - 2, n)
-            tokens[i, n + 1] = VOCAB - 1
+            tokens[i, 0] = vocab - 2
+            tokens[i, 1:words + 1] = rng.integers(1, vocab - 2, words)
+            tokens[i, words + 1] = vocab - 1
     return x01, tokens
 
 
@@ -82,11 +85,16 @@ def pixels(family: str, x01: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
+def ids(family: str, tokens: np.ndarray) -> torch.Tensor:
+    """What the model sees: vlm_jax's pipeline pads with 0; SigLIP's tokenizers pad with EOS (1)."""
+    return torch.from_numpy(np.where(tokens == 0, 1, tokens) if family == "siglip" else tokens)
+
+
 def outputs(model, family: str, x01: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
     model.eval()
     with torch.no_grad():
         img = model.encode_image(pixels(family, x01), normalize=True)
-        txt = model.encode_text(torch.from_numpy(tokens), normalize=True)
+        txt = model.encode_text(ids(family, tokens), normalize=True)
         logits = model.logit_scale.exp() * img @ txt.T
         if getattr(model, "logit_bias", None) is not None:
             logits = logits + model.logit_bias
@@ -134,5 +142,24 @@ def load(out: str) -> None:
     print(json.dumps(report))
 
 
+def full(name: str, out: str) -> None:
+    """An open_clip model at its published size, perturbed, with its outputs on two images and texts."""
+    os.makedirs(out, exist_ok=True)
+    model = open_clip.create_model(name)
+    perturb(model)
+    family = "siglip" if "SigLIP" in name else "clip"
+    size = model.visual.image_size[0] if hasattr(model.visual, "image_size") else 224
+    ctx, vocab = model.context_length if hasattr(model, "context_length") else model.text.context_length, \
+        model.vocab_size if hasattr(model, "vocab_size") else model.text.vocab_size
+    x01, tokens = inputs(family, size, ctx, vocab, n=2)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "weights.safetensors"))
+    np.savez(os.path.join(out, "io.npz"), x01=x01, tokens=tokens, **outputs(model, family, x01, tokens))
+    print(json.dumps({"name": name, "open_clip": open_clip.__version__, "torch": torch.__version__,
+                      "parameters": sum(p.numel() for p in model.parameters()), "image_size": size}))
+
+
 if __name__ == "__main__":
-    {"make": make, "load": load}[sys.argv[1]](sys.argv[2])
+    if sys.argv[1] == "full":
+        full(sys.argv[2], sys.argv[3])
+    else:
+        {"make": make, "load": load}[sys.argv[1]](sys.argv[2])

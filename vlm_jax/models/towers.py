@@ -306,13 +306,16 @@ class TextTransformer(nn.Module):
     out of attention; False attends to them as OpenCLIP and big_vision do
     (with ``causal`` this changes nothing before the EOT token; for SigLIP's
     bidirectional tower it is part of the published computation).
+    ``pad_id``: the token id the embedding sees at padding positions (the
+    pipeline pads with 0): big_vision's SigLIP was trained on captions padded
+    with its EOS token, 1 (``pad_id=1``), and attends to that padding.
     Tower contract (every text tower): ``__call__(tokens)`` -> (pooled, tokens);
     ``width`` and ``max_len`` attributes; ``CONFIG``, ``from_config``, ``check``.
     """
 
     CONFIG: ClassVar[dict[str, Any]] = dict(max_len=16, width=96, depth=2, mlp_dim=384, num_heads=4, causal=True,
                                             pool="eos", vocab_size=0,  # vocab_size 0: the tokenizer's
-                                            mask_padding=True, act="gelu_tanh", norm_eps=1e-6)
+                                            mask_padding=True, act="gelu_tanh", norm_eps=1e-6, pad_id=0)
 
     vocab_size: int
     max_len: int
@@ -328,6 +331,7 @@ class TextTransformer(nn.Module):
     mask_padding: bool = True
     act: str = "gelu_tanh"
     norm_eps: float = 1e-6
+    pad_id: int = 0
 
     @classmethod
     def from_config(cls, c, model_cfg, vocab_size: int) -> "TextTransformer":
@@ -335,7 +339,7 @@ class TextTransformer(nn.Module):
             raise ValueError(f"config.model.text.vocab_size={c.vocab_size} is smaller than the tokenizer's {vocab_size}")
         return cls(c.vocab_size or vocab_size, c.max_len, c.width, c.depth, c.mlp_dim, c.num_heads, c.causal, c.pool,
                    jnp.dtype(model_cfg.dtype), model_cfg.remat, model_cfg.scan, bool(c.mask_padding), c.act,
-                   float(c.norm_eps))
+                   float(c.norm_eps), int(c.pad_id))
 
     @classmethod
     def check(cls, config) -> None:
@@ -343,6 +347,8 @@ class TextTransformer(nn.Module):
         require(c.width % c.num_heads == 0, "model.text.num_heads", f"{c.num_heads} does not divide width {c.width}")
         require(c.pool in TEXT_POOLS, "model.text.pool", f"must be one of {TEXT_POOLS}, got {c.pool!r}")
         check_act("model.text.act", c.act)
+        require(c.pad_id >= 0 and (not c.vocab_size or c.pad_id < c.vocab_size), "model.text.pad_id",
+                f"{c.pad_id} is not a token id of the vocabulary (model.text.vocab_size={c.vocab_size})")
 
     @nn.compact
     def __call__(self, tokens):
@@ -350,7 +356,8 @@ class TextTransformer(nn.Module):
         b, length = tokens.shape
         if length > self.max_len:
             raise ValueError(f"text length {length} exceeds config.model.text.max_len={self.max_len}")
-        x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name="embed")(tokens)
+        ids = jnp.where(tokens == 0, self.pad_id, tokens) if self.pad_id else tokens
+        x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name="embed")(ids)
         pe = self.param("pos_embed", nn.initializers.normal(stddev=0.01), (1, self.max_len, self.width))
         x = (x + pe[:, :length]).astype(self.dtype)
         valid = tokens != 0
