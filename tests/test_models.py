@@ -98,3 +98,23 @@ def test_published_vit_b16_image_tower_size():
     shapes = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.ones((1, 224, 224, 3)))
     n = sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
     assert abs(n - 85.8e6) / 85.8e6 < 0.005, n
+
+
+def test_token_offset_and_pad_id_are_what_the_embedding_sees():
+    """token_offset=1 on the pipeline's shifted ids equals the tower on the
+    tokenizer's own ids; pad_id is what padding positions embed (with padding
+    attended to, SigLIP's way, it changes the output)."""
+    own = np.array([[5, 9, 0, 3, 0, 0], [7, 1, 2, 8, 6, 4]], np.int32)  # id 0 is a real token here
+    shifted = np.where(np.arange(6)[None] < np.array([[4], [6]]), own + 1, 0)  # the pipeline's: +1, then 0-padding
+    kw = dict(vocab_size=10, max_len=6, width=16, depth=1, mlp_dim=32, num_heads=2, causal=True, mask_padding=False)
+    plain = towers.TextTransformer(pool="first", **kw)
+    params = plain.init(jax.random.PRNGKey(0), jnp.asarray(own))
+    padded_own = np.where(shifted == 0, 0, own)  # what the tokenizer's own pipeline gives: padding as id 0
+    a = plain.apply(params, jnp.asarray(padded_own))[1]
+    b = towers.TextTransformer(pool="first", token_offset=1, **kw).apply(params, jnp.asarray(shifted))[1]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    bidir = dict(kw, causal=False)
+    c = towers.TextTransformer(pool="last", **bidir).apply(params, jnp.asarray(shifted))[0]
+    d = towers.TextTransformer(pool="last", pad_id=1, **bidir).apply(params, jnp.asarray(shifted))[0]
+    assert not np.allclose(np.asarray(c[0]), np.asarray(d[0]))  # the row with padding
+    np.testing.assert_array_equal(np.asarray(c[1]), np.asarray(d[1]))  # the row without

@@ -309,13 +309,18 @@ class TextTransformer(nn.Module):
     ``pad_id``: the token id the embedding sees at padding positions (the
     pipeline pads with 0): big_vision's SigLIP was trained on captions padded
     with its EOS token, 1 (``pad_id=1``), and attends to that padding.
+    ``token_offset``: the pipeline shifts a tokenizer's ids up by one when the
+    tokenizer's id 0 is a real token (CLIP's BPE: "!"), to keep 0 for padding;
+    ``token_offset=1`` undoes that before the embedding, so a published
+    embedding table sees its tokenizer's own ids (``docs/weights.md``).
     Tower contract (every text tower): ``__call__(tokens)`` -> (pooled, tokens);
     ``width`` and ``max_len`` attributes; ``CONFIG``, ``from_config``, ``check``.
     """
 
     CONFIG: ClassVar[dict[str, Any]] = dict(max_len=16, width=96, depth=2, mlp_dim=384, num_heads=4, causal=True,
                                             pool="eos", vocab_size=0,  # vocab_size 0: the tokenizer's
-                                            mask_padding=True, act="gelu_tanh", norm_eps=1e-6, pad_id=0)
+                                            mask_padding=True, act="gelu_tanh", norm_eps=1e-6, pad_id=0,
+                                            token_offset=0)
 
     vocab_size: int
     max_len: int
@@ -332,14 +337,19 @@ class TextTransformer(nn.Module):
     act: str = "gelu_tanh"
     norm_eps: float = 1e-6
     pad_id: int = 0
+    token_offset: int = 0
 
     @classmethod
     def from_config(cls, c, model_cfg, vocab_size: int) -> "TextTransformer":
-        if c.vocab_size and c.vocab_size < vocab_size:
-            raise ValueError(f"config.model.text.vocab_size={c.vocab_size} is smaller than the tokenizer's {vocab_size}")
-        return cls(c.vocab_size or vocab_size, c.max_len, c.width, c.depth, c.mlp_dim, c.num_heads, c.causal, c.pool,
+        needed = vocab_size - c.token_offset  # rows the embedding needs for the tokenizer's ids
+        if c.vocab_size and c.vocab_size < needed:
+            hint = ("" if c.token_offset else "; if the tokenizer's id 0 is a real token (CLIP's BPE), the pipeline "
+                    "shifts its ids by one and config.model.text.token_offset=1 undoes that")
+            raise ValueError(f"config.model.text.vocab_size={c.vocab_size} is smaller than the tokenizer's "
+                             f"{needed}{hint}")
+        return cls(c.vocab_size or needed, c.max_len, c.width, c.depth, c.mlp_dim, c.num_heads, c.causal, c.pool,
                    jnp.dtype(model_cfg.dtype), model_cfg.remat, model_cfg.scan, bool(c.mask_padding), c.act,
-                   float(c.norm_eps), int(c.pad_id))
+                   float(c.norm_eps), int(c.pad_id), int(c.token_offset))
 
     @classmethod
     def check(cls, config) -> None:
@@ -349,6 +359,7 @@ class TextTransformer(nn.Module):
         check_act("model.text.act", c.act)
         require(c.pad_id >= 0 and (not c.vocab_size or c.pad_id < c.vocab_size), "model.text.pad_id",
                 f"{c.pad_id} is not a token id of the vocabulary (model.text.vocab_size={c.vocab_size})")
+        require(c.token_offset in (0, 1), "model.text.token_offset", f"must be 0 or 1, got {c.token_offset!r}")
 
     @nn.compact
     def __call__(self, tokens):
@@ -356,7 +367,8 @@ class TextTransformer(nn.Module):
         b, length = tokens.shape
         if length > self.max_len:
             raise ValueError(f"text length {length} exceeds config.model.text.max_len={self.max_len}")
-        ids = jnp.where(tokens == 0, self.pad_id, tokens) if self.pad_id else tokens
+        ids = jnp.where(tokens == 0, self.pad_id, tokens - self.token_offset) if self.pad_id or self.token_offset \
+            else tokens
         x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name="embed")(ids)
         pe = self.param("pos_embed", nn.initializers.normal(stddev=0.01), (1, self.max_len, self.width))
         x = (x + pe[:, :length]).astype(self.dtype)
