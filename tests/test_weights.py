@@ -7,6 +7,7 @@ models of each published family in the isolated torch environment
 """
 
 import collections
+import importlib.util
 import json
 import os
 import pickle
@@ -186,6 +187,20 @@ def test_position_embedding_resampling():
     assert links.resize_posemb(pe, (1, 1 + 35, 8), extra=1) is None  # not a square grid
 
 
+def test_import_at_another_image_size_resamples_the_position_embedding(tmp_path):
+    c = reduced("clip")
+    params, objective = random_params(c)
+    path = str(tmp_path / "w.safetensors")
+    weights.export_params(params, c, objective.scalar_names, path)
+    bigger = reduced("clip", **{"data.image_size": 48})  # a 6 x 6 grid instead of 4 x 4
+    back, _ = weights.import_params(path, bigger, abstract_of(bigger)[0], objective.scalar_names)
+    pe = formats.read(path)["visual.positional_embedding"]
+    assert back["image/pos_embed"].shape == (1, 37, 64)
+    np.testing.assert_array_equal(back["image/pos_embed"][0, 0], pe[0])  # the class token's entry
+    np.testing.assert_allclose(back["image/pos_embed"][0, 1:], links.resize_grid(pe[1:], (4, 4), (6, 6)), rtol=1e-6)
+    assert all(np.array_equal(back[k], params[k]) for k in params if k != "image/pos_embed")
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -360,6 +375,17 @@ def test_position_embedding_resampling_equals_open_clip(peer_models):
         want = np.load(os.path.join(out, "clip", f"posemb_{size}.npy"))
         got = links.resize_posemb(pe[None], (1, want.shape[0], pe.shape[1]), extra=1)[0]
         assert _rel(got, want) < 1e-6, size
+
+
+@pytest.mark.peer
+def test_torchscript_archives_need_torch_and_say_so(peer_models):
+    out, _, _ = peer_models
+    path = os.path.join(out, "torchscript.pt")
+    if importlib.util.find_spec("torch") is None:  # vlm_jax's own environment: no torch
+        with pytest.raises(formats.FormatError, match=r"torchscript.pt is a TorchScript archive .* needs torch"):
+            formats.read(path)
+    else:
+        assert set(formats.read(path)) == {"weight", "bias"}
 
 
 @pytest.mark.peer

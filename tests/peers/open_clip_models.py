@@ -114,6 +114,8 @@ def make(out: str) -> None:
         x01, tokens = inputs(family)
         np.savez(os.path.join(d, "io.npz"), x01=x01, tokens=tokens, **outputs(model, family, x01, tokens))
         info[family] = {"parameters": sum(p.numel() for p in model.parameters()), "keys": len(sd)}
+    # a TorchScript archive, the form of OpenAI's own .pt files
+    torch.jit.script(torch.nn.Linear(3, 2)).save(os.path.join(out, "torchscript.pt"))
     # OpenCLIP's own resampling of a class-token position embedding to other grids
     sd = load_file(os.path.join(out, "clip", "weights.safetensors"))
     for size in (48, 24, 56):

@@ -12,6 +12,7 @@ A layout is one module with ``links(model_cfg, scalars)``, ``check``,
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any
 
 import numpy as np
@@ -86,7 +87,10 @@ def _fix_posemb(extra: int):
     def fix(path: str, a: np.ndarray, want: tuple) -> np.ndarray | None:
         if path != "image/pos_embed":
             return None
-        return links.resize_posemb(a, want, extra)
+        resized = links.resize_posemb(a, want, extra)
+        if resized is not None:
+            print(f"resampled image/pos_embed from {tuple(a.shape)} to {want} (another image size)", file=sys.stderr)
+        return resized
 
     return fix
 
@@ -116,11 +120,9 @@ def import_params(path: str, config, abstract: Flat, scalars: tuple[str, ...], l
         raise ConfigError(f"{path} ({layout} layout) does not fit the config's model: {len(e.problems)} "
                           f"problem(s); fix the config (configs/published.py has the released shapes) or the "
                           f"file:\n{listed}") from None
-    dtypes = unscan({k: v.dtype for k, v in abstract.items()}) if not config.model.scan else \
-        {k: abstract[k].dtype for k in abstract}
     if config.model.scan:
         ours = rescan(ours)
-    return {k: np.asarray(v).astype(dtypes[k], copy=False) for k, v in ours.items()}, layout
+    return {k: np.asarray(v).astype(abstract[k].dtype, copy=False) for k, v in ours.items()}, layout
 
 
 def export_params(params: Flat, config, scalars: tuple[str, ...], path: str, layout: str = "") -> str:
