@@ -43,7 +43,9 @@ def test_unknown_published_name_is_a_clear_error():
         published.get_config("clip_vit_h99")
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
+# openclip_vit_b32/b16/l14 have the shapes of clip_vit_* (only the activation differs)
+@pytest.mark.parametrize("name", sorted(n for n in PUBLISHED if n not in ("openclip_vit_b32", "openclip_vit_b16",
+                                                                         "openclip_vit_l14")))
 def test_every_published_shape_loads_initialises_and_trains_a_step_at_depth_one(name, data_dir):
     """As published (image size, patch, widths, vocabulary: So400m/14 at 384 px
     has 27 × 27 patches, the remainder dropped), with one block per tower."""

@@ -1,0 +1,176 @@
+"""Train-step examples/s of vlm_jax and open_clip on the same model, side by side.
+
+    python experiments/peer_throughput.py [--sizes default wide] [--pairs 5] [--steps 3]
+
+Both frameworks train the same CLIP: OpenCLIP's ViT computation (class token
+with its position embedding, ln_pre, no patch bias, exact GELU, LayerNorm
+epsilon 1e-5; causal text pooled at the EOT token), which vlm_jax computes
+with ``configs/published.py:openclip_*``'s options, at two sizes:
+
+- ``default``: the issue's tiny CLIP, ViT width 96, depth 3, patch 4 at 32 px;
+  text width 96, depth 2, 16 tokens; embedding 64; batch 256;
+- ``wide``: width 256, depth 6 in both towers, patch 8 at 64 px; batch 128.
+
+Same optimiser on both sides (AdamW, lr 1e-3, betas (0.9, 0.98), eps 1e-6,
+weight decay 0.1, gradient clipping at norm 1), float32, a synthetic batch
+already in memory (no input pipeline), two threads each. The parameter
+counts are checked to agree, and vlm_jax's initial weights are exported into
+the open_clip model so both train identical networks.
+
+open_clip runs in the peer environment (``vlm_jax.bench.peer_env``) as a
+long-lived child; the two alternate in pairs (the child times ``--steps``
+steps, then vlm_jax does), and each side's examples/s is the median over
+pairs of its steps' median time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+
+from vlm_jax import rules, weights  # noqa: E402
+from vlm_jax.bench import peer_env, throughput  # noqa: E402
+
+SIZES = {
+    "default": dict(width=96, depth=(3, 2), patch=4, image=32, ctx=16, embed=64, batch=256),
+    "wide": dict(width=256, depth=(6, 6), patch=8, image=64, ctx=16, embed=64, batch=128),
+}
+
+CHILD = r'''
+import json, sys, time
+import numpy as np
+import torch
+from open_clip.loss import ClipLoss
+from open_clip.model import CLIP
+from safetensors.torch import load_file
+
+spec = json.loads(sys.argv[1])
+torch.set_num_threads(spec["threads"])
+torch.manual_seed(0)
+w, (di, dt) = spec["width"], spec["depth"]
+model = CLIP(spec["embed"], dict(layers=di, width=w, head_width=w // spec["heads"], patch_size=spec["patch"],
+                                 image_size=spec["image"]),
+             dict(context_length=spec["ctx"], vocab_size=spec["vocab"], width=w, heads=spec["heads"], layers=dt))
+model.load_state_dict(load_file(spec["weights"]), strict=True)
+model.train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+loss_fn = ClipLoss()
+rng = np.random.default_rng(0)
+b = spec["batch"]
+images = torch.from_numpy(rng.standard_normal((b, 3, spec["image"], spec["image"]), dtype=np.float32))
+tokens = np.zeros((b, spec["ctx"]), np.int64)
+tokens[:, 1:-1] = rng.integers(1, spec["vocab"] - 2, (b, spec["ctx"] - 2))
+tokens[:, 0], tokens[:, -1] = spec["vocab"] - 2, spec["vocab"] - 1
+tokens = torch.from_numpy(tokens)
+
+def step():
+    opt.zero_grad(set_to_none=True)
+    img, txt, scale = model(images, tokens)
+    loss = loss_fn(img, txt, scale)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss)
+
+step()  # warm-up
+print(json.dumps({"ready": True, "parameters": sum(p.numel() for p in model.parameters()),
+                  "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+for line in sys.stdin:
+    n = int(line)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"times": times}), flush=True)
+'''
+
+
+def overrides(size: dict) -> list[str]:
+    w, (di, dt) = size["width"], size["depth"]
+    heads = w // 32 if w >= 128 else 4
+    return [f"model.image.width={w}", f"model.image.depth={di}", f"model.image.mlp_dim={4 * w}",
+            f"model.image.num_heads={heads}", f"model.image.patch_size={size['patch']}",
+            f"data.image_size={size['image']}", "model.image.pool=cls", "model.image.ln_pre=True",
+            "model.image.patch_bias=False", "model.image.act=gelu", "model.image.norm_eps=1e-5",
+            "model.image.pixel_mean=()", "model.image.pixel_std=()", f"model.text.width={w}",
+            f"model.text.depth={dt}", f"model.text.mlp_dim={4 * w}", f"model.text.num_heads={heads}",
+            f"model.text.max_len={size['ctx']}", "model.text.pool=argmax", "model.text.mask_padding=False",
+            "model.text.act=gelu", "model.text.norm_eps=1e-5", f"model.embed_dim={size['embed']}",
+            "model.image.stem=()", "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.grad_clip=1.0",
+            "optim.b1=0.9", "optim.b2=0.98", "optim.eps=1e-6", "mesh.data=1"]
+
+
+def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads: int) -> dict:
+    spec = "configs/default.py"
+    cfg, run, step, state, batch = throughput._prepare(spec, overrides(size), size["batch"])
+    vocab = run.model.text.vocab_size
+    heads = cfg.model.image.num_heads
+    params = rules._flat(jax.device_get(state["params"]))
+    ours_n = int(sum(v.size for v in params.values()))
+    with tempfile.TemporaryDirectory(prefix="vlm_jax_peer_tp_") as tmp:
+        path = os.path.join(tmp, "init.safetensors")
+        weights.export_params(params, cfg, run.objective.scalar_names, path)
+        child_spec = dict(size, heads=heads, vocab=vocab, weights=path, threads=threads)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        child = subprocess.Popen([python, "-c", CHILD, json.dumps(child_spec)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, env=env)
+        ready = json.loads(child.stdout.readline())
+        if ready.get("parameters") != ours_n:
+            raise RuntimeError(f"{name}: parameter counts differ: open_clip {ready.get('parameters')}, vlm_jax {ours_n}")
+        state, out = step(state, batch)  # compiled and warm
+        jax.block_until_ready(out)
+        peer_med, ours_med = [], []
+        for _ in range(pairs):
+            child.stdin.write(f"{steps}\n")
+            child.stdin.flush()
+            peer_med.append(statistics.median(json.loads(child.stdout.readline())["times"]))
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                state, out = step(state, batch)
+                jax.block_until_ready(out)
+                times.append(time.perf_counter() - t0)
+            ours_med.append(statistics.median(times))
+        child.stdin.close()
+        child.wait()
+    b = size["batch"]
+    return {"size": name, "parameters": ours_n, "batch": b, "torch": ready["torch"],
+            "open_clip_ms": [round(t * 1e3, 1) for t in peer_med], "vlm_jax_ms": [round(t * 1e3, 1) for t in ours_med],
+            "open_clip_eps": b / statistics.median(peer_med), "vlm_jax_eps": b / statistics.median(ours_med)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    python = peer_env.ensure_venv()
+    rows = [measure(n, SIZES[n], python, args.pairs, args.steps, args.threads) for n in args.sizes]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} "
+          f"({jax.devices()[0].device_kind}); torch {rows[0]['torch']}, {args.threads} threads")
+    print(f"command: python experiments/peer_throughput.py {' '.join(sys.argv[1:])}\n")
+    print("| model | parameters | batch | open_clip ms/step (pairs) | vlm_jax ms/step (pairs) | open_clip ex/s | "
+          "vlm_jax ex/s | vlm_jax / open_clip |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | {' / '.join(map(str, r['open_clip_ms']))} | "
+              f"{' / '.join(map(str, r['vlm_jax_ms']))} | {r['open_clip_eps']:,.0f} | {r['vlm_jax_eps']:,.0f} | "
+              f"{r['vlm_jax_eps'] / r['open_clip_eps']:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
