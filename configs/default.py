@@ -4,7 +4,8 @@ Trains on a 2-core CPU in a few minutes. The argument picks the objective:
 ``configs/default.py`` (CLIP softmax InfoNCE), ``:sigmoid`` (SigLIP,
 log t = log 10, b = −10), ``:unicl`` (image–text–label: captions sharing the
 subject's colour–shape class are positives), ``:slip`` (CLIP + image–image
-InfoNCE between two augmented views), ``:filip`` (token-wise late interaction).
+InfoNCE between two augmented views), ``:filip`` (token-wise late interaction),
+``:coca`` (CLIP + a captioning decoder over the image tokens, weights 1 and 2).
 
 The recipe (docs/ablations.md has the trials behind it): a ViT whose 8-pixel
 patches are cut by a three-convolution stem (16 tokens: the whole run, crops
@@ -25,7 +26,7 @@ def get_config(arg: str = "softmax"):
     if arg == "sigmoid":
         config.loss.log_t_init = math.log(10.0)
         config.loss.bias_init = -10.0
-    elif arg == "softmax":
+    elif arg in ("softmax", "coca"):
         config.loss.log_t_init = math.log(30.0)
     config.model.image.stem = (32, 64, 128)
     config.model.image.patch_size = 8

@@ -21,7 +21,8 @@ def _setup_and_batch(data_dir, spec):
     return cfg, run, params, batch
 
 
-@pytest.mark.parametrize("spec", ["configs/default.py", "configs/default.py:sigmoid", "configs/default.py:slip"])
+@pytest.mark.parametrize("spec", ["configs/default.py", "configs/default.py:sigmoid", "configs/default.py:slip",
+                                  "configs/default.py:coca"])
 def test_accumulated_gradients_equal_full_batch_gradients(data_dir, spec):
     cfg, run, params, batch = _setup_and_batch(data_dir, spec)
     objective = run.objective

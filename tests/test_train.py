@@ -44,7 +44,7 @@ def test_sigmoid_run_learns_and_logs_bias(data_dir, tmp_path):
 
 
 KINDS = {"softmax": "configs/default.py", "sigmoid": "configs/default.py:sigmoid", "unicl": "configs/default.py:unicl",
-         "slip": "configs/default.py:slip", "filip": "configs/default.py:filip"}
+         "slip": "configs/default.py:slip", "filip": "configs/default.py:filip", "coca": "configs/default.py:coca"}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -62,6 +62,8 @@ def test_every_objective_and_impl_trains(data_dir, tmp_path, kind, impl, tile):
     assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.05, rows
     if kind == "slip":
         assert "train/ssl_loss" in rows[-1] and "train/clip_loss" in rows[-1]
+    if kind == "coca":
+        assert rows[-1]["train/caption_loss"] < rows[0]["train/caption_loss"] and "train/clip_loss" in rows[-1]
 
 
 def test_evaluate_cli_reproduces_the_final_metrics(trained_softmax, data_dir, capsys):

@@ -13,6 +13,7 @@ import ml_collections
 
 from vlm_jax.objectives.base import Contrastive, Objective, PooledEmbedder
 from vlm_jax.objectives.clip import CLIP
+from vlm_jax.objectives.coca import CoCa
 from vlm_jax.objectives.filip import FILIP
 from vlm_jax.objectives.siglip import SigLIP
 from vlm_jax.objectives.slip import SLIP
@@ -24,6 +25,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "unicl": UniCL,
     "slip": SLIP,
     "filip": FILIP,
+    "coca": CoCa,
 }
 
 

@@ -1,0 +1,63 @@
+"""Captioning (CoCa): the next-token loss against float64, causality, config checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from conftest import load_tiny_config
+from reference import caption_loss_and_grads
+from vlm_jax import session
+from vlm_jax.errors import ConfigError
+from vlm_jax.losses import captioning
+
+
+def _tokens(rng, B, L, V):
+    """Captions of 1..L tokens (ids 1..V-1), then 0-padding; some rows full."""
+    tokens = rng.integers(1, V, (B, L))
+    lengths = rng.integers(1, L + 1, B)
+    lengths[::3] = L
+    return np.where(np.arange(L)[None] < lengths[:, None], tokens, 0).astype(np.int32)
+
+
+@pytest.mark.parametrize("n", (1, 2, 4, 8))
+def test_caption_loss_matches_float64_reference_on_every_device_count(n):
+    rng = np.random.default_rng(n)
+    B, L, V = 16, 7, 11
+    logits = rng.standard_normal((B, L, V)) * 3
+    tokens = _tokens(rng, B, L, V)
+    mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",), axis_types=(AxisType.Auto,))
+    sh = NamedSharding(mesh, P("data"))
+    f = jax.jit(jax.value_and_grad(lambda z, t: captioning.caption_loss(*captioning.token_nll(z, t))))
+    value, grad = f(jax.device_put(jnp.asarray(logits, jnp.float32), sh), jax.device_put(jnp.asarray(tokens), sh))
+    ref, ref_grad = caption_loss_and_grads(logits, tokens)
+    assert abs(float(value) - ref) <= 1e-6 * abs(ref)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), ref_grad, atol=1e-6 * np.abs(ref_grad).max())
+    nll, count = captioning.token_nll(jnp.asarray(logits, jnp.float32), jnp.asarray(tokens))
+    np.testing.assert_array_equal(np.asarray(count), (tokens[:, 1:] != 0).sum(axis=1))  # the first token is given
+
+
+def test_the_decoders_logits_at_l_do_not_depend_on_later_tokens(data_dir):
+    cfg = load_tiny_config(data_dir, "configs/default.py:coca")
+    run = session.setup(cfg)
+    params = jax.jit(run.init_state)(jax.random.PRNGKey(0))["params"]
+    rng = np.random.default_rng(0)
+    L = cfg.model.text.max_len
+    images = jnp.asarray(rng.standard_normal((2, cfg.data.image_size, cfg.data.image_size, 3)), jnp.float32)
+    tokens = rng.integers(1, 20, (2, L)).astype(np.int32)
+    logits = jax.jit(run.objective.logits)
+    base = np.asarray(logits(params, images, jnp.asarray(tokens)))
+    for cut in (1, L // 2, L - 1):
+        changed = tokens.copy()
+        changed[:, cut:] = rng.integers(1, 20, (2, L - cut))
+        other = np.asarray(logits(params, images, jnp.asarray(changed)))
+        np.testing.assert_array_equal(other[:, :cut], base[:, :cut])  # positions before the change: bit for bit
+        assert not np.allclose(other[:, cut:], base[:, cut:])
+    # the image matters: another image changes every position's logits
+    assert not np.allclose(np.asarray(logits(params, images[::-1], jnp.asarray(tokens)))[0], base[0])
+
+
+def test_coca_refuses_a_bidirectional_text_tower(data_dir):
+    with pytest.raises(ConfigError, match=r"config.model.text.causal: the captioning decoder"):
+        session.setup(load_tiny_config(data_dir, "configs/default.py:coca", **{"model.text.causal": False}))

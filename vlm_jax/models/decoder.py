@@ -1,0 +1,60 @@
+"""A multimodal text decoder over image tokens (CoCa's captioning half).
+
+``CaptionDecoder`` takes the causal text tower's per-token features (B, L, w)
+and the image tower's tokens (B, n, w_img) and returns next-token logits
+(B, L, vocab). Each block is pre-LN: causal self-attention, cross-attention
+to the image tokens (projected to the decoder width after a LayerNorm), MLP.
+With a causal text tower under it, the logits at position l depend on the
+tokens at positions ≤ l only (tested), which is what teacher forcing needs.
+Its parameters are plain pytrees; the objective that uses it owns them.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vlm_jax.models.towers import Dtype, MlpBlock
+
+
+class CrossBlock(nn.Module):
+    mlp_dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    act: str = "gelu_tanh"
+    norm_eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x, context, mask):
+        ln = lambda name: nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name=name)  # noqa: E731
+        y = ln("ln1")(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, name="self_attn")(
+            y, y, mask=mask)
+        y = ln("ln2")(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, name="cross_attn")(
+            y, context)
+        return x + MlpBlock(self.mlp_dim, self.dtype, self.act, name="mlp")(ln("ln3")(x))
+
+
+class CaptionDecoder(nn.Module):
+    vocab_size: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    act: str = "gelu_tanh"
+    norm_eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, text_features, image_tokens):
+        width = text_features.shape[-1]
+        context = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln_image")(image_tokens)
+        context = nn.Dense(width, dtype=self.dtype, name="image_proj")(context)
+        b, length = text_features.shape[:2]
+        mask = nn.make_causal_mask(jnp.ones((b, length), jnp.int32))
+        x = text_features.astype(self.dtype)
+        for i in range(self.depth):
+            x = CrossBlock(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps, name=f"block{i}")(
+                x, context, mask)
+        x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln_final")(x)
+        return nn.Dense(self.vocab_size, dtype=jnp.float32, name="head")(x).astype(jnp.float32)
