@@ -115,17 +115,12 @@ def filip_loss_and_grads(img, txt, mask, log_t):
 
 
 def caption_loss_and_grads(logits, tokens):
-    """Teacher-forced next-token NLL averaged over the real (non-zero) target
-    tokens, and its gradient with respect to the logits."""
+    """Next-token NLL (logits[:, l] predicts tokens[:, l]) averaged over the
+    real (non-zero) tokens, and its gradient with respect to the logits."""
     z = np.float64(logits)
-    target = tokens[:, 1:]
-    mask = (target != 0).astype(np.float64)
-    zz = z[:, :-1]
-    lse = _lse(zz, -1)
-    picked = np.take_along_axis(zz, target[..., None], axis=-1)[..., 0]
+    mask = (tokens != 0).astype(np.float64)
+    picked = np.take_along_axis(z, tokens[..., None], axis=-1)[..., 0]
     count = mask.sum()
-    loss = ((lse - picked) * mask).sum() / count
-    onehot = np.eye(z.shape[-1])[target]
-    g = np.zeros_like(z)
-    g[:, :-1] = (_softmax(zz, -1) - onehot) * mask[..., None] / count
-    return loss, g
+    loss = ((_lse(z, -1) - picked) * mask).sum() / count
+    onehot = np.eye(z.shape[-1])[tokens]
+    return loss, (_softmax(z, -1) - onehot) * mask[..., None] / count

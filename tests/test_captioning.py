@@ -35,10 +35,10 @@ def test_caption_loss_matches_float64_reference_on_every_device_count(n):
     assert abs(float(value) - ref) <= 1e-6 * abs(ref)
     np.testing.assert_allclose(np.asarray(grad, np.float64), ref_grad, atol=1e-6 * np.abs(ref_grad).max())
     nll, count = captioning.token_nll(jnp.asarray(logits, jnp.float32), jnp.asarray(tokens))
-    np.testing.assert_array_equal(np.asarray(count), (tokens[:, 1:] != 0).sum(axis=1))  # the first token is given
+    np.testing.assert_array_equal(np.asarray(count), (tokens != 0).sum(axis=1))  # every real token, the first included
 
 
-def test_the_decoders_logits_at_l_do_not_depend_on_later_tokens(data_dir):
+def test_the_decoders_logits_at_l_depend_only_on_earlier_tokens(data_dir):
     cfg = load_tiny_config(data_dir, "configs/default.py:coca")
     run = session.setup(cfg)
     params = jax.jit(run.init_state)(jax.random.PRNGKey(0))["params"]
@@ -52,8 +52,10 @@ def test_the_decoders_logits_at_l_do_not_depend_on_later_tokens(data_dir):
         changed = tokens.copy()
         changed[:, cut:] = rng.integers(1, 20, (2, L - cut))
         other = np.asarray(logits(params, images, jnp.asarray(changed)))
-        np.testing.assert_array_equal(other[:, :cut], base[:, :cut])  # positions before the change: bit for bit
-        assert not np.allclose(other[:, cut:], base[:, cut:])
+        # position l predicts token l from the tokens before it: up to the changed one, bit for bit
+        np.testing.assert_array_equal(other[:, :cut + 1], base[:, :cut + 1])
+        if cut + 1 < L:
+            assert not np.allclose(other[:, cut + 1:], base[:, cut + 1:])
     # the image matters: another image changes every position's logits
     assert not np.allclose(np.asarray(logits(params, images[::-1], jnp.asarray(tokens)))[0], base[0])
 
@@ -61,3 +63,28 @@ def test_the_decoders_logits_at_l_do_not_depend_on_later_tokens(data_dir):
 def test_coca_refuses_a_bidirectional_text_tower(data_dir):
     with pytest.raises(ConfigError, match=r"config.model.text.causal: the captioning decoder"):
         session.setup(load_tiny_config(data_dir, "configs/default.py:coca", **{"model.text.causal": False}))
+
+
+def test_greedy_captions_follow_the_teacher_forced_distribution(data_dir):
+    """Each generated token is the argmax (padding excluded) of the logits the
+    training loss uses at its position, given the tokens generated before it;
+    after EOS a row is padding."""
+    cfg = load_tiny_config(data_dir, "configs/default.py:coca")
+    run = session.setup(cfg)
+    params = jax.jit(run.init_state)(jax.random.PRNGKey(1))["params"]
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((4, cfg.data.image_size, cfg.data.image_size, 3)),
+                         jnp.float32)
+    logits_fn = jax.jit(run.objective.logits)
+    first = np.asarray(logits_fn(params, images, jnp.zeros((4, cfg.model.text.max_len), jnp.int32)))[:, 0]
+    eos = int(np.argsort(first[0])[-2])  # a token the first row is likely to produce early
+    got = np.asarray(jax.jit(run.objective.greedy_captions, static_argnums=2)(params, images, eos))
+    want = np.zeros_like(got)
+    done = np.zeros(4, bool)
+    for pos in range(got.shape[1]):
+        logits = np.array(logits_fn(params, images, jnp.asarray(want)))[:, pos]
+        logits[:, 0] = -np.inf
+        nxt = np.where(done, 0, logits.argmax(axis=1))
+        want[:, pos] = nxt
+        done |= nxt == eos
+    np.testing.assert_array_equal(got, want)
+    assert (got != 0).any()

@@ -1,17 +1,17 @@
 """Teacher-forced captioning: the next-token negative log-likelihood.
 
 For caption tokens y (B, L), 0 = padding, and decoder logits z (B, L, V)
-where z[:, l] predicts y[:, l + 1]:
+where z[:, l] predicts y[:, l] from the tokens before it (the decoder's
+input is shifted right, ``vlm_jax.models.decoder``):
 
-    nll_i   = Σ_{l < L-1, y_{i,l+1} ≠ 0}  logsumexp(z_{i,l}) − z_{i,l,y_{i,l+1}}
-    count_i = #{l < L-1 : y_{i,l+1} ≠ 0}
+    nll_i   = Σ_{l : y_{i,l} ≠ 0}  logsumexp(z_{i,l}) − z_{i,l,y_{i,l}}
+    count_i = #{l : y_{i,l} ≠ 0}
     L_cap   = Σ_i nll_i / Σ_i count_i          (the mean over the batch's real tokens)
 
 ``token_nll`` returns the per-example (nll, count); the objective divides
 their sums over the whole global batch, so k micro-batches give exactly the
 full batch's loss (``vlm_jax.step.make_grad_fn`` accumulates the per-example
-terms; the division is done once). The first token (BOS, or the first word
-when the tokenizer adds none) is given, never predicted.
+terms; the division is done once).
 
 Memory: the logits, B·L·V floats per step (sharded with the batch: B/n
 rows per device), and their softmax in the backward pass. Communication:
@@ -31,10 +31,9 @@ def token_nll(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Arra
     chex.assert_rank(logits, 3)
     chex.assert_rank(tokens, 2)
     chex.assert_equal_shape_prefix((logits, tokens), 2)
-    z = logits[:, :-1].astype(jnp.float32)
-    target = tokens[:, 1:]
-    mask = (target != 0).astype(jnp.float32)
-    picked = jnp.take_along_axis(z, target[..., None], axis=-1)[..., 0]
+    z = logits.astype(jnp.float32)
+    mask = (tokens != 0).astype(jnp.float32)
+    picked = jnp.take_along_axis(z, tokens[..., None], axis=-1)[..., 0]
     per_token = jax.nn.logsumexp(z, axis=-1) - picked
     return (per_token * mask).sum(axis=1), mask.sum(axis=1)
 

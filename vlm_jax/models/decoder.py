@@ -1,11 +1,14 @@
 """A multimodal text decoder over image tokens (CoCa's captioning half).
 
 ``CaptionDecoder`` takes the causal text tower's per-token features (B, L, w)
-and the image tower's tokens (B, n, w_img) and returns next-token logits
-(B, L, vocab). Each block is pre-LN: causal self-attention, cross-attention
-to the image tokens (projected to the decoder width after a LayerNorm), MLP.
-With a causal text tower under it, the logits at position l depend on the
-tokens at positions ≤ l only (tested), which is what teacher forcing needs.
+and the image tower's tokens (B, n, w_img) and returns logits (B, L, vocab)
+where position l predicts token l: its input is shifted right by one, a
+learned start vector first, so position l reads the text features of tokens
+< l only and every token of a caption, the first included, is predicted (the
+embedded tokenizer has no BOS token to start from). Each block is pre-LN:
+causal self-attention, cross-attention to the image tokens (projected to the
+decoder width after a LayerNorm), MLP. With a causal text tower under it, the
+logits at position l depend on the tokens before l only (tested).
 Its parameters are plain pytrees; the objective that uses it owns them.
 """
 
@@ -52,7 +55,8 @@ class CaptionDecoder(nn.Module):
         context = nn.Dense(width, dtype=self.dtype, name="image_proj")(context)
         b, length = text_features.shape[:2]
         mask = nn.make_causal_mask(jnp.ones((b, length), jnp.int32))
-        x = text_features.astype(self.dtype)
+        start = self.param("start", nn.initializers.normal(0.02), (1, 1, width))
+        x = jnp.concatenate([jnp.tile(start, (b, 1, 1)), text_features[:, :-1]], axis=1).astype(self.dtype)
         for i in range(self.depth):
             x = CrossBlock(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps, name=f"block{i}")(
                 x, context, mask)

@@ -70,6 +70,27 @@ class CoCa(Contrastive):
         _, _, img_tokens, txt_tokens = self.apply(params, images, tokens, method=_features)
         return self.decoder.apply({"params": params["decoder"]}, txt_tokens, img_tokens)
 
+    def greedy_captions(self, params, images, eos_id: int) -> jax.Array:
+        """Greedy captions (B, max_len) of the normalised ``images``: each step
+        appends the most likely token (never padding, 0) at the next position,
+        and rows stop, then pad with 0, after ``eos_id``. Each step recomputes
+        the towers on the whole fixed-length buffer (jittable, O(L²) work; the
+        causal masks make the tokens not yet written irrelevant); a KV cache
+        is future work."""
+        b, length = images.shape[0], self.model.text.max_len
+        _, _, img_tokens, _ = self.apply(params, images, jnp.zeros((b, length), jnp.int32), method=_features)
+
+        def step(pos, carry):
+            tokens, done = carry
+            txt_tokens = self.apply(params, tokens, method=lambda m, t: m.text(t)[1])
+            logits = self.decoder.apply({"params": params["decoder"]}, txt_tokens, img_tokens)[:, pos]
+            nxt = jnp.argmax(logits.at[:, 0].set(-jnp.inf), axis=-1).astype(jnp.int32)
+            nxt = jnp.where(done, 0, nxt)
+            return tokens.at[:, pos].set(nxt), done | (nxt == eos_id)
+
+        init = (jnp.zeros((b, length), jnp.int32), jnp.zeros((b,), bool))
+        return jax.lax.fori_loop(0, length, step, init)[0]
+
     def encode(self, params, batch):
         images = pipeline.normalize_images(batch["image"])
         zimg, ztxt, img_tokens, txt_tokens = self.apply(params, images, batch["text"], method=_features)
