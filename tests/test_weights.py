@@ -187,6 +187,18 @@ def test_position_embedding_resampling():
     assert links.resize_posemb(pe, (1, 1 + 35, 8), extra=1) is None  # not a square grid
 
 
+def test_an_open_clip_trainer_checkpoint_is_read_through_its_wrappers(tmp_path):
+    """OpenCLIP's trainer saves {"state_dict": {"module.visual...": ...}, "epoch": ...}."""
+    c = reduced("clip")
+    params, objective = random_params(c)
+    plain = str(tmp_path / "w.safetensors")
+    weights.export_params(params, c, objective.scalar_names, plain)
+    wrapped = {f"state_dict.module.{k}": v for k, v in formats.read(plain).items()}
+    formats.write(str(tmp_path / "epoch_3.pt"), wrapped)
+    back, layout = weights.import_params(str(tmp_path / "epoch_3.pt"), c, abstract_of(c)[0], objective.scalar_names)
+    assert layout == "open_clip" and all(np.array_equal(back[k], params[k]) for k in params)
+
+
 def test_import_at_another_image_size_resamples_the_position_embedding(tmp_path):
     c = reduced("clip")
     params, objective = random_params(c)

@@ -6,7 +6,8 @@ parameters of a vlm_jax model config through the layout's links
 writes vlm_jax parameters back in a layout. Both are exact: export after
 import reproduces the file's arrays, import after export the parameters.
 A layout is one module with ``links(model_cfg, scalars)``, ``check``,
-``ignored`` and ``extra_tokens``, and one line in ``LAYOUTS``.
+``normalise`` (the file's keys as the links name them), ``ignored`` and
+``extra_tokens``, and one line in ``LAYOUTS``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ LAYOUTS: dict[str, Any] = {
 }
 
 Flat = dict[str, np.ndarray]
-_WRAPPERS = ("state_dict.", "model.", "module.")  # OpenCLIP's trainer checkpoint, DDP
 _SCANNED = re.compile(r"^(.*)/encoder/blocks/block/(.*)$")
 _UNSCANNED = re.compile(r"^(.*)/encoder/block(\d+)/(.*)$")
 
@@ -35,7 +35,7 @@ def detect(keys, path: str) -> str:
     keys = list(keys)
     if any(k.startswith(("params/img/", "img/")) for k in keys):
         return "big_vision"
-    if any(k.startswith(tuple(f"{w}visual." for w in ("", *_WRAPPERS))) for k in keys):
+    if any(k.startswith("visual.") for k in open_clip.normalise(dict.fromkeys(keys))):  # trainer/DDP prefixes off
         return "open_clip"
     raise ConfigError(f"{path}: neither an OpenCLIP state dict (visual.* keys) nor a big_vision checkpoint "
                       f"(params/img/* keys); first keys: {sorted(keys)[:5]}")
@@ -44,14 +44,6 @@ def detect(keys, path: str) -> str:
 def layout_for_file(path: str) -> str:
     """The layout an exported file gets by default: big_vision for .npz, OpenCLIP otherwise."""
     return "big_vision" if path.lower().endswith(".npz") else "open_clip"
-
-
-def _unwrap(flat: Flat) -> Flat:
-    """OpenCLIP's keys without the trainer's "state_dict." and DDP's "module." prefixes."""
-    for w in _WRAPPERS:
-        if flat and all(k.startswith(w) for k in flat):
-            flat = {k[len(w):]: v for k, v in flat.items()}
-    return flat
 
 
 def unscan(flat: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +102,7 @@ def import_params(path: str, config, abstract: Flat, scalars: tuple[str, ...], l
     if layout not in LAYOUTS:
         raise ConfigError(f"--layout: {layout!r} is not one of {sorted(LAYOUTS)}")
     mod = LAYOUTS[layout]
-    theirs = mod.normalise(theirs) if hasattr(mod, "normalise") else _unwrap(theirs)
+    theirs = mod.normalise(theirs)
     shapes = unscan({k: tuple(v.shape) for k, v in abstract.items()})
     try:
         ours = links.to_ours(mod.links(config.model, scalars), theirs, shapes, mod.ignored,

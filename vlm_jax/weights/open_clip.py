@@ -28,6 +28,15 @@ from vlm_jax.errors import ConfigError
 from vlm_jax.weights import links as L
 
 NOT_PARAMETERS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+WRAPPERS = ("state_dict.", "model.", "module.")  # OpenCLIP's trainer checkpoint, DDP
+
+
+def normalise(flat: L.Flat) -> L.Flat:
+    """The keys without the trainer's "state_dict." and DDP's "module." prefixes."""
+    for w in WRAPPERS:
+        if flat and all(k.startswith(w) for k in flat):
+            flat = {k[len(w):]: v for k, v in flat.items()}
+    return flat
 
 
 def ignored(key: str) -> bool:
