@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -136,12 +135,7 @@ def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads:
             child.stdin.write(f"{steps}\n")
             child.stdin.flush()
             peer_med.append(statistics.median(json.loads(child.stdout.readline())["times"]))
-            times = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                state, out = step(state, batch)
-                jax.block_until_ready(out)
-                times.append(time.perf_counter() - t0)
+            state, times = throughput.time_steps(step, state, batch, steps)
             ours_med.append(statistics.median(times))
         child.stdin.close()
         child.wait()

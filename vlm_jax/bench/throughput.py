@@ -97,6 +97,19 @@ def _prepare(spec: str, overrides: Sequence[str], batch: int):
     return cfg, run, step, state, batch_arrays
 
 
+def time_steps(step, state, batch, steps: int):
+    """(state, seconds of each of ``steps`` steps), each timed to the device's completion."""
+    import jax
+
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, out = step(state, batch)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+    return state, times
+
+
 def measure_loop(spec: str, overrides: Sequence[str], batch: int, steps: int, host_read: bool) -> dict:
     """Examples/s of the train loop's device work over ``steps`` steps, with
     (``host_read``: ``float(loss)`` after every step, as the loop once did) or
@@ -130,12 +143,7 @@ def measure_variant(spec: str, overrides: Sequence[str], batch: int, steps: int)
     mem = compiled.memory_analysis()
     state, _ = compiled(state, batch_arrays)  # warm-up
     jax.block_until_ready(state)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, out = compiled(state, batch_arrays)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
+    state, times = time_steps(compiled, state, batch_arrays, steps)
     step_s = statistics.median(times)
     peaks = [d.memory_stats().get("peak_bytes_in_use", -1) for d in run.mesh.devices.flat
              if hasattr(d, "memory_stats") and d.memory_stats()]

@@ -78,7 +78,7 @@ class CoCa(Contrastive):
         causal masks make the tokens not yet written irrelevant); a KV cache
         is future work."""
         b, length = images.shape[0], self.model.text.max_len
-        _, _, img_tokens, _ = self.apply(params, images, jnp.zeros((b, length), jnp.int32), method=_features)
+        img_tokens = self.apply(params, images, method=lambda m, x: m.image(x)[1])
 
         def step(pos, carry):
             tokens, done = carry
