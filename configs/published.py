@@ -6,6 +6,10 @@
 Three families, each computing what its released weights were trained with
 (``docs/weights.md``):
 
+- ``clip_rn50``, ``clip_rn101`` (Radford et al. 2021): CLIP's modified
+  ResNet (``vlm_jax/models/resnet.py``; GroupNorm where OpenAI used
+  BatchNorm, same parameters) whose attention pool gives the embedding, and
+  CLIP's text tower.
 - ``clip_vit_*`` (Radford et al. 2021; OpenAI's weights, and OpenCLIP's
   ``-quickgelu`` models): a class token with its own position embedding, a
   LayerNorm before the first block (``ln_pre``), a patch embedding without
@@ -40,8 +44,14 @@ _VIT = {"B": (768, 12, 3072, 12), "L": (1024, 24, 4096, 16), "H": (1280, 32, 512
         "So400m": (1152, 27, 4304, 16)}
 _CLIP_TEXT = {512: (512, 12, 2048, 8), 768: (768, 12, 3072, 12), 1024: (1024, 24, 4096, 16)}
 
-# name: (family, image tower, patch, text width, embed_dim, image size)
+# CLIP's modified ResNets: (blocks per stage, base width); attention-pool heads
+# are the last stage's channels / 64, as released.
+_RESNET = {"RN50": ((3, 4, 6, 3), 64), "RN101": ((3, 4, 23, 3), 64)}
+
+# name: (family, image tower, patch (None: a ResNet), text width, embed_dim, image size)
 SHAPES = {
+    "clip_rn50": ("clip", "RN50", None, 512, 1024, 224),
+    "clip_rn101": ("clip", "RN101", None, 512, 512, 224),
     "clip_vit_b32": ("clip", "B", 32, 512, 512, 224),
     "clip_vit_b16": ("clip", "B", 16, 512, 512, 224),
     "clip_vit_l14": ("clip", "L", 14, 768, 768, 224),
@@ -57,17 +67,24 @@ SHAPES = {
 def get_config(name: str = "clip_vit_b16"):
     if name not in SHAPES:
         raise ValueError(f"configs/published.py: unknown model {name!r}; choose from {sorted(SHAPES)}")
-    family, vit, patch, text_width, embed, size = SHAPES[name]
-    iw, idp, imlp, ih = _VIT[vit]
+    family, tower, patch, text_width, embed, size = SHAPES[name]
     c = base_config()
-    c.model.image.update(dict(patch_size=patch, width=iw, depth=idp, mlp_dim=imlp, num_heads=ih, posemb="learn"))
+    if patch is None:  # the attention pool's projection is the image embedding
+        layers, base = _RESNET[tower]
+        c.model.image.update(dict(tower="resnet", layers=layers, base_width=base, num_heads=base * 32 // 64,
+                                  output_dim=embed, pixel_mean=OPENAI_MEAN, pixel_std=OPENAI_STD))
+        c.model.image_projection = False
+    else:
+        iw, idp, imlp, ih = _VIT[tower]
+        c.model.image.update(dict(patch_size=patch, width=iw, depth=idp, mlp_dim=imlp, num_heads=ih, posemb="learn"))
     c.model.embed_dim = embed
     c.data.image_size = size
     if family in ("clip", "openclip"):
         act = "quick_gelu" if family == "clip" else "gelu"
         tw, tdp, tmlp, th = _CLIP_TEXT[text_width]
-        c.model.image.update(dict(pool="cls", ln_pre=True, patch_bias=False, act=act, norm_eps=1e-5,
-                                  pixel_mean=OPENAI_MEAN, pixel_std=OPENAI_STD))
+        if patch is not None:
+            c.model.image.update(dict(pool="cls", ln_pre=True, patch_bias=False, act=act, norm_eps=1e-5,
+                                      pixel_mean=OPENAI_MEAN, pixel_std=OPENAI_STD))
         c.model.text.update(dict(width=tw, depth=tdp, mlp_dim=tmlp, num_heads=th, max_len=77, vocab_size=49408,
                                  causal=True, pool="argmax", mask_padding=False, act=act, norm_eps=1e-5))
         c.loss.kind = "softmax"

@@ -47,16 +47,24 @@ KINDS = {"softmax": "configs/default.py", "sigmoid": "configs/default.py:sigmoid
          "slip": "configs/default.py:slip", "filip": "configs/default.py:filip", "coca": "configs/default.py:coca"}
 
 
+# Tiny image towers of each kind (the ViT's are conftest's defaults); a
+# ResNet of two stages maps 32 px to 4 x 4 tokens.
+TOWERS = {"vit": {}, "resnet": {"model.image.tower": "resnet", "model.image.layers": "(1, 1)",
+                                "model.image.base_width": 8, "model.image.num_heads": 2}}
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 # "ring" is "tiled" with one tile per block: its values and gradients are
 # checked against the float64 references in test_losses.py; training covers
 # the gathered impl and the ring engine with several tiles.
 @pytest.mark.parametrize("impl,tile", [("all_gather", 0), ("tiled", 2)])
-def test_every_objective_and_impl_trains(data_dir, tmp_path, kind, impl, tile):
-    if (kind, impl) == ("softmax", "all_gather"):
-        return  # the session fixture trains this pair; test_softmax_run_learns_and_logs_everything checks it
+@pytest.mark.parametrize("tower", list(TOWERS))
+def test_every_tower_objective_and_impl_trains(data_dir, tmp_path, tower, kind, impl, tile):
+    if (tower, kind, impl) == ("vit", "softmax", "all_gather"):
+        return  # the session fixture trains this triple; test_softmax_run_learns_and_logs_everything checks it
     cfg = load_tiny_config(data_dir, KINDS[kind], **{"train.steps": 6, "loss.impl": impl, "loss.tile": tile,
-                                                     "train.eval_every": 0, "train.checkpoint_every": 100})
+                                                     "train.eval_every": 0, "train.checkpoint_every": 100},
+                           **TOWERS[tower])
     train.train(cfg, str(tmp_path))
     rows = [r for r in metrics.read_metrics(str(tmp_path)) if "train/loss" in r]
     assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.05, rows

@@ -19,29 +19,15 @@ from typing import Sequence
 
 
 def analytic_train_flops(config, batch: int) -> float:
-    """3 × forward matmul FLOPs of both towers (the image tower's conv stem
-    and patch embedding included) + the loss's model count.
+    """3 × forward matmul FLOPs of both towers (each tower counts its own:
+    ``forward_flops``) and their projections, + the loss's model count."""
+    from vlm_jax import models
 
-    Per token and block: 2·(4·w² + 2·w·m) for the projections and MLP, plus
-    2·2·n·w for the attention scores and their weighted sum (n tokens)."""
-    def tower(width, depth, mlp, tokens):
-        per_token = depth * (2 * (4 * width * width + 2 * width * mlp) + 4 * tokens * width)
-        return per_token * tokens
-
-    ic, tc = config.model.image, config.model.text
-    patches = (config.data.image_size // ic.patch_size) ** 2
-    side, channels, stem = config.data.image_size, 3, 0  # the conv stem: 3x3 stride-2 convolutions (SAME)
-    for c in ic.stem:
-        side = -(-side // 2)
-        stem += 2 * side * side * 9 * channels * c
-        channels = c
-    p = ic.patch_size >> len(ic.stem)
-    patch_embed = stem + 2 * patches * (p * p * channels) * ic.width
-    forward = (tower(ic.width, ic.depth, ic.mlp_dim, patches) + patch_embed
-               + tower(tc.width, tc.depth, tc.mlp_dim, tc.max_len)
-               + 2 * config.model.embed_dim * (ic.width + tc.width))
+    image, image_width = models.IMAGE_TOWERS[config.model.image.tower].forward_flops(config)
+    text, text_width = models.TEXT_TOWERS[config.model.text.tower].forward_flops(config)
+    projections = 2 * config.model.embed_dim * (image_width * config.model.image_projection + text_width)
     loss = 6.0 * batch * batch * config.model.embed_dim
-    return 3.0 * forward * batch + loss
+    return 3.0 * (image + text + projections) * batch + loss
 
 
 def matmul_peak_flops(mesh, dtype: str = "float32", size: int = 2048, reps: int = 5) -> float:

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from vlm_jax.errors import require
-from vlm_jax.models import towers
+from vlm_jax.models import resnet, towers
 
 IMAGE_TOWERS: dict[str, Any] = {
     "vit": towers.ViT,
+    "resnet": resnet.ModifiedResNet,
 }
 TEXT_TOWERS: dict[str, Any] = {
     "transformer": towers.TextTransformer,

@@ -58,6 +58,42 @@ def check_act(field: str, act: str) -> None:
     require(act in ACTIVATIONS, field, f"must be one of {sorted(ACTIVATIONS)}, got {act!r}")
 
 
+def transformer_flops(width: int, depth: int, mlp: int, tokens: int) -> float:
+    """Forward matmul FLOPs of ``depth`` blocks over ``tokens`` tokens: per
+    token and block 2·(4·w² + 2·w·m) for the projections and MLP, plus
+    2·2·n·w for the attention scores and their weighted sum."""
+    return float(depth * (2 * (4 * width * width + 2 * width * mlp) + 4 * tokens * width) * tokens)
+
+
+def conv3x3_flops(side_out: int, stride: int, c_in: int, c_out: int) -> float:
+    """FLOPs of a 3×3 convolution padded by one pixel (SAME) to a
+    side_out × side_out map, counting only products with real pixels, as
+    XLA's cost analysis does: 3s − 2 kernel rows per axis fall inside the
+    image at stride 1, 3s − 1 at stride 2 (from 2s pixels)."""
+    taps = 3 * side_out - (2 if stride == 1 else 1)
+    return 2.0 * taps * taps * c_in * c_out
+
+
+def check_pixel_stats(c) -> None:
+    """config.model.image.pixel_mean / pixel_std: both () or both three numbers (every image tower)."""
+    for name in ("pixel_mean", "pixel_std"):
+        v = tuple(c[name])
+        require(len(v) in (0, 3) and all(isinstance(x, (int, float)) for x in v), f"model.image.{name}",
+                f"must be () or three numbers (R, G, B in [0, 1] units), got {c[name]!r}")
+    require(bool(c.pixel_mean) == bool(c.pixel_std), "model.image.pixel_std",
+            "pixel_mean and pixel_std are set together (both three numbers, or both ())")
+    require(all(x > 0 for x in c.pixel_std), "model.image.pixel_std", f"must be positive, got {c.pixel_std!r}")
+
+
+def normalise_pixels(x, mean: tuple[float, ...], std: tuple[float, ...]):
+    """[-1, 1] pixels (the pipeline's) -> (x01 - mean) / std, the weights' own
+    statistics; unchanged when ``mean`` is ()."""
+    if not mean:
+        return x
+    m, s = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    return (((x.astype(jnp.float32) + 1.0) * 0.5 - m) / s).astype(x.dtype)
+
+
 class MlpBlock(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
@@ -238,26 +274,27 @@ class ViT(nn.Module):
                 f"got patch_size={c.patch_size}")
         check_act("model.image.act", c.act)
         require(c.pool in ("cls", "gap", "map"), "model.image.pool", f"must be 'cls', 'gap' or 'map', got {c.pool!r}")
-        for name in ("pixel_mean", "pixel_std"):
-            v = tuple(c[name])
-            require(len(v) in (0, 3) and all(isinstance(x, (int, float)) for x in v), f"model.image.{name}",
-                    f"must be () or three numbers (R, G, B in [0, 1] units), got {c[name]!r}")
-        require(bool(c.pixel_mean) == bool(c.pixel_std), "model.image.pixel_std",
-                "pixel_mean and pixel_std are set together (both three numbers, or both ())")
-        require(all(x > 0 for x in c.pixel_std), "model.image.pixel_std", f"must be positive, got {c.pixel_std!r}")
+        check_pixel_stats(c)
 
-    def _normalise(self, x):
-        """[-1, 1] pixels (the pipeline's) -> (x01 - mean) / std, the weights' own statistics."""
-        if not self.pixel_mean:
-            return x
-        mean = jnp.asarray(self.pixel_mean, jnp.float32)
-        std = jnp.asarray(self.pixel_std, jnp.float32)
-        return (((x.astype(jnp.float32) + 1.0) * 0.5 - mean) / std).astype(x.dtype)
+    @classmethod
+    def forward_flops(cls, config) -> tuple[float, int]:
+        """(forward matmul FLOPs per image, pooled width): the conv stem (3×3
+        stride-2, SAME), the patch embedding and the encoder."""
+        c = config.model.image
+        side, channels, flops = config.data.image_size, 3, 0.0
+        for ch in c.stem:
+            side = -(-side // 2)
+            flops += conv3x3_flops(side, 2, channels, ch)
+            channels = ch
+        patches = (config.data.image_size // c.patch_size) ** 2
+        p = c.patch_size >> len(c.stem)
+        flops += 2 * patches * (p * p * channels) * c.width
+        return flops + transformer_flops(c.width, c.depth, c.mlp_dim, patches + (c.pool == "cls")), c.width
 
     @nn.compact
     def __call__(self, images):
         chex.assert_rank(images, 4)
-        x = self._normalise(images)
+        x = normalise_pixels(images, self.pixel_mean, self.pixel_std)
         for i, channels in enumerate(self.stem):
             x = nn.Conv(channels, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype, name=f"stem_conv{i}")(x)
             x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name=f"stem_ln{i}")(x))
@@ -361,6 +398,12 @@ class TextTransformer(nn.Module):
         require(c.pad_id >= 0 and (not c.vocab_size or c.pad_id < c.vocab_size), "model.text.pad_id",
                 f"{c.pad_id} is not a token id of the vocabulary (model.text.vocab_size={c.vocab_size})")
         require(c.token_offset in (0, 1), "model.text.token_offset", f"must be 0 or 1, got {c.token_offset!r}")
+
+    @classmethod
+    def forward_flops(cls, config) -> tuple[float, int]:
+        """(forward matmul FLOPs per caption, pooled width)."""
+        c = config.model.text
+        return transformer_flops(c.width, c.depth, c.mlp_dim, c.max_len), c.width
 
     @nn.compact
     def __call__(self, tokens):

@@ -1,0 +1,117 @@
+"""CLIP's modified ResNet tower: shapes, attention pool against float64,
+no batch statistics, config checks, FLOP count."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax import config as config_lib
+from vlm_jax.errors import ConfigError
+from vlm_jax.models import resnet
+
+
+def _tiny(**kw):
+    args = dict(layers=(1, 1), base_width=8, num_heads=2)
+    args.update(kw)
+    return resnet.ModifiedResNet(**args)
+
+
+@pytest.mark.parametrize("layers,size,side", [((1,), 16, 4), ((1, 1), 32, 4), ((1, 2, 1), 32, 2)])
+def test_stages_set_the_token_grid_and_widths(layers, size, side):
+    m = _tiny(layers=layers)
+    x = jnp.zeros((2, size, size, 3))
+    params = m.init(jax.random.PRNGKey(0), x)
+    pooled, tokens = m.apply(params, x)
+    features = 8 * 4 * 2 ** (len(layers) - 1)
+    assert m.width == features
+    assert pooled.shape == (2, features) and tokens.shape == (2, side * side, features)
+    assert params["params"]["attn_pool"]["pos_embed"].shape == (1, side * side + 1, features)
+    out = _tiny(layers=layers, output_dim=24)
+    assert out.width == 24
+    assert out.apply(out.init(jax.random.PRNGKey(0), x), x)[0].shape == (2, 24)
+
+
+def test_every_block_starts_as_the_identity_on_its_shortcut():
+    """The last norm of each block starts at scale zero (as CLIP initialises
+    bn3), so a block without a projection shortcut passes relu(x) through."""
+    block = resnet.Bottleneck(planes=4)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 6, 16))
+    params = block.init(jax.random.PRNGKey(0), x)
+    np.testing.assert_allclose(block.apply(params, x), jax.nn.relu(x), rtol=0, atol=0)
+
+
+def _attention_pool_reference(x, p, heads):
+    """float64 NumPy: CLIP's AttentionPool2d read off the paper (all n + 1
+    queries, then the first row kept), and the per-position value path."""
+    x = np.asarray(x, np.float64)
+    w = {k: (np.asarray(v["kernel"], np.float64), np.asarray(v["bias"], np.float64))
+         for k, v in p.items() if k.endswith("_proj")}
+    b, n, c = x.shape
+    d = c // heads
+    x = np.concatenate([x.mean(axis=1, keepdims=True), x], axis=1) + np.asarray(p["pos_embed"], np.float64)
+    q, k, v = (x @ w[name][0] + w[name][1] for name in ("q_proj", "k_proj", "v_proj"))
+    q, k, v = (t.reshape(b, n + 1, heads, d).transpose(0, 2, 1, 3) for t in (q, k, v))
+    s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    out = (a @ v).transpose(0, 2, 1, 3).reshape(b, n + 1, c)
+    pooled = out[:, 0] @ w["c_proj"][0] + w["c_proj"][1]
+    v_flat = v.transpose(0, 2, 1, 3).reshape(b, n + 1, c)
+    tokens = v_flat[:, 1:] @ w["c_proj"][0] + w["c_proj"][1]
+    return pooled, tokens
+
+
+def test_attention_pool_matches_a_float64_reference():
+    pool = resnet.AttentionPool(num_heads=4, out_dim=12)
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 9, 16))
+    params = pool.init(jax.random.PRNGKey(0), x)
+    # non-zero biases, so that a dropped bias would show
+    params = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(3), a.shape), params)
+    pooled, tokens = pool.apply(params, x)
+    ref_pooled, ref_tokens = _attention_pool_reference(x, params["params"], 4)
+    np.testing.assert_allclose(pooled, ref_pooled, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(tokens, ref_tokens, rtol=2e-5, atol=2e-6)
+
+
+def test_an_example_does_not_depend_on_the_rest_of_its_batch():
+    """GroupNorm has no batch statistics: each example's outputs are the same
+    alone, in any batch, on any split of the batch over devices."""
+    m = _tiny()
+    x = jax.random.uniform(jax.random.PRNGKey(4), (4, 32, 32, 3), minval=-1, maxval=1)
+    params = m.init(jax.random.PRNGKey(0), x)
+    pooled, tokens = m.apply(params, x)
+    for i in range(4):
+        p1, t1 = m.apply(params, x[i:i + 1])
+        np.testing.assert_allclose(p1[0], pooled[i], rtol=1e-4, atol=1e-5)  # float32 conv sums in another order
+        np.testing.assert_allclose(t1[0], tokens[i], rtol=1e-4, atol=1e-5)
+
+
+def _config(**fields):
+    return config_lib.load_config("configs/default.py", ["model.image.tower=resnet"] +
+                                  [f"{k}={v}" for k, v in fields.items()])
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"data.image_size": 36, "model.image.layers": "(1, 1)"}, "model.image.layers.*multiple"),
+    ({"model.image.layers": "()"}, "model.image.layers"),
+    ({"model.image.base_width": 7}, "model.image.base_width"),
+    ({"model.image.num_heads": 3}, "model.image.num_heads"),
+    ({"model.image.pixel_mean": "(0.5, 0.5, 0.5)"}, "model.image.pixel_std"),
+])
+def test_bad_resnet_fields_are_config_errors_that_name_the_field(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        _config(**fields)
+
+
+@pytest.mark.parametrize("fields", [{}, {"model.image.layers": "(2, 1, 1)", "model.image.output_dim": 48}])
+def test_analytic_flops_agree_with_xla(fields):
+    c = _config(**fields)
+    m = resnet.ModifiedResNet.from_config(c.model.image, c.model, 100)
+    x = jnp.zeros((1, c.data.image_size, c.data.image_size, 3))
+    params = jax.eval_shape(m.init, jax.random.PRNGKey(0), x)
+    cost = jax.jit(m.apply).lower(params, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops, width = resnet.ModifiedResNet.forward_flops(c)
+    assert width == m.width
+    assert abs(flops / cost["flops"] - 1) < 0.01, (flops, cost["flops"])

@@ -1,0 +1,201 @@
+"""CLIP's modified ResNet image tower (Radford et al. 2021, section 2.4).
+
+Three changes to the ResNet-D bottleneck network: a stem of three 3×3
+convolutions (the first with stride 2) and a 2×2 average pool instead of a
+7×7 convolution and max pool; anti-aliased downsampling (a stride-s average
+pool after the 3×3 convolution of a block, and before the 1×1 convolution of
+its shortcut, instead of strided convolutions); and attention pooling: one
+query, the mean of the final feature map, attends over the map plus itself,
+with a learned position embedding over the (h·w + 1) positions, and its
+output projection gives the pooled features.
+
+Returned tokens, for the token-level objectives and dense evaluations: each
+spatial position's value passed through the pool's output projection,
+``c_proj(v_proj(x_i + pos_i))`` — the pooled output is an attention-weighted
+mean of exactly these, so tokens and the pooled vector live in one space
+(the MaskCLIP reading of CLIP's attention pool).
+
+Normalisation: GroupNorm instead of BatchNorm. It has the same learnable
+parameters (a scale and a bias per channel, so the published parameter
+counts hold) and no mutable batch statistics: the train step stays a pure
+function of (params, batch), its result does not depend on how the batch is
+split over devices or micro-batches, and resume has no running averages to
+restore. Weights trained with BatchNorm (OpenAI's RN50) therefore do not
+load into it as they are. Each norm uses gcd(norm_groups, channels) groups.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import chex
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vlm_jax.errors import require
+from vlm_jax.models.towers import check_pixel_stats, conv3x3_flops, normalise_pixels
+
+Dtype = Any
+EXPANSION = 4  # a bottleneck block's output channels per "planes"
+
+
+def _norm(channels: int, groups: int, dtype, name: str, zero: bool = False) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=math.gcd(groups, channels), epsilon=1e-5, dtype=dtype, name=name,
+                        scale_init=nn.initializers.zeros if zero else nn.initializers.ones)
+
+
+def _avg_pool(x, s: int):
+    return nn.avg_pool(x, (s, s), strides=(s, s)) if s > 1 else x
+
+
+class Bottleneck(nn.Module):
+    """1×1 → 3×3 → (stride-s average pool) → 1×1 (×4 channels), plus the
+    shortcut (average pool, 1×1 convolution and norm when the shape changes);
+    the last norm's scale starts at zero, so every block starts as identity."""
+
+    planes: int
+    stride: int = 1
+    groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        out_ch = self.planes * EXPANSION
+        conv = lambda ch, k, name: nn.Conv(ch, (k, k), padding="SAME", use_bias=False, dtype=self.dtype, name=name)
+        y = nn.relu(_norm(self.planes, self.groups, self.dtype, "norm1")(conv(self.planes, 1, "conv1")(x)))
+        y = nn.relu(_norm(self.planes, self.groups, self.dtype, "norm2")(conv(self.planes, 3, "conv2")(y)))
+        y = _avg_pool(y, self.stride)
+        y = _norm(out_ch, self.groups, self.dtype, "norm3", zero=True)(conv(out_ch, 1, "conv3")(y))
+        if self.stride > 1 or x.shape[-1] != out_ch:
+            x = _norm(out_ch, self.groups, self.dtype, "down_norm")(conv(out_ch, 1, "down_conv")(_avg_pool(x, self.stride)))
+        return nn.relu(x + y)
+
+
+class AttentionPool(nn.Module):
+    """Multi-head attention of the map's mean over [mean; map] + position
+    embedding; returns (pooled (B, out), per-position tokens (B, h·w, out))."""
+
+    num_heads: int
+    out_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, n, c = x.shape
+        init = nn.initializers.normal(stddev=c**-0.5)
+        x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)
+        x = x + self.param("pos_embed", init, (1, n + 1, c)).astype(x.dtype)
+        dense = lambda dim, name: nn.Dense(dim, kernel_init=init, dtype=self.dtype, name=name)
+        h, d = self.num_heads, c // self.num_heads
+        q = dense(c, "q_proj")(x[:, :1]).reshape(b, 1, h, d)
+        k = dense(c, "k_proj")(x).reshape(b, n + 1, h, d)
+        v_flat = dense(c, "v_proj")(x)
+        v = v_flat.reshape(b, n + 1, h, d)
+        weights = nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * d**-0.5, axis=-1)
+        pooled = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v).reshape(b, c)
+        c_proj = dense(self.out_dim, "c_proj")
+        return c_proj(pooled), c_proj(v_flat[:, 1:])
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP's ResNet image tower; returns (pooled (B, width), tokens (B, h·w, width)).
+
+    ``layers``: bottleneck blocks per stage (RN50: (3, 4, 6, 3)); stage i has
+    ``base_width · 2^i`` planes and, after the first, halves the resolution.
+    The stem (stride 2, then a 2×2 pool) and the stages reduce the image by
+    4 · 2^(len(layers) − 1): RN50 maps 224 px to 7 × 7; the default tiny tower
+    (two stages) maps 32 px to 4 × 4, the ViT default's 16 tokens. ``width``
+    (the pooled size) is ``output_dim``, or the last stage's channels
+    (base_width · 4 · 2^(len(layers) − 1)) when it is 0."""
+
+    CONFIG: ClassVar[dict[str, Any]] = dict(layers=(2, 2), base_width=32, num_heads=4, output_dim=0, norm_groups=32,
+                                            pixel_mean=(), pixel_std=())
+
+    layers: tuple[int, ...]
+    base_width: int
+    num_heads: int
+    output_dim: int = 0
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+    pixel_mean: tuple[float, ...] = ()
+    pixel_std: tuple[float, ...] = ()
+
+    @property
+    def features(self) -> int:
+        return self.base_width * EXPANSION * 2 ** (len(self.layers) - 1)
+
+    @property
+    def width(self) -> int:
+        return self.output_dim or self.features
+
+    @classmethod
+    def from_config(cls, c, model_cfg, vocab_size: int) -> "ModifiedResNet":
+        return cls(tuple(c.layers), c.base_width, c.num_heads, c.output_dim, c.norm_groups,
+                   jnp.dtype(model_cfg.dtype), tuple(c.pixel_mean), tuple(c.pixel_std))
+
+    @staticmethod
+    def reduction(layers) -> int:
+        return 4 * 2 ** (len(layers) - 1)
+
+    @classmethod
+    def check(cls, config) -> None:
+        c = config.model.image
+        layers = tuple(c.layers)
+        require(len(layers) > 0 and all(isinstance(n, int) and n > 0 for n in layers), "model.image.layers",
+                f"must be a non-empty tuple of positive block counts, got {c.layers!r}")
+        r = cls.reduction(layers)
+        require(config.data.image_size % r == 0, "model.image.layers",
+                f"{len(layers)} stages reduce the image by {r}; data.image_size={config.data.image_size} "
+                f"is not a multiple of it")
+        require(c.base_width > 0 and c.base_width % 2 == 0, "model.image.base_width",
+                f"must be a positive even number (the stem's first convolutions have base_width / 2), "
+                f"got {c.base_width}")
+        features = c.base_width * EXPANSION * 2 ** (len(layers) - 1)
+        require(c.num_heads > 0 and features % c.num_heads == 0, "model.image.num_heads",
+                f"{c.num_heads} does not divide the attention pool's width {features}")
+        require(c.output_dim >= 0, "model.image.output_dim", f"must be >= 0 (0: {features}), got {c.output_dim}")
+        require(c.norm_groups > 0, "model.image.norm_groups", f"must be positive, got {c.norm_groups}")
+        check_pixel_stats(c)
+
+    @classmethod
+    def forward_flops(cls, config) -> tuple[float, int]:
+        """(forward convolution and attention-pool FLOPs per image, pooled
+        width); 3×3 convolutions count products with real pixels only."""
+        c = config.model.image
+        side = config.data.image_size // 2
+        half = c.base_width // 2
+        flops = conv3x3_flops(side, 2, 3, half) + conv3x3_flops(side, 1, half, half)
+        flops += conv3x3_flops(side, 1, half, c.base_width)
+        side, cin = side // 2, c.base_width
+        for s, blocks in enumerate(c.layers):
+            planes = c.base_width * 2**s
+            for j in range(blocks):
+                stride = 2 if (s > 0 and j == 0) else 1
+                out = side // stride
+                flops += 2.0 * side * side * cin * planes + conv3x3_flops(side, 1, planes, planes)
+                flops += 2.0 * out * out * planes * planes * 4
+                if stride > 1 or cin != planes * 4:
+                    flops += 2.0 * out * out * cin * planes * 4
+                side, cin = out, planes * 4
+        n, width = side * side, c.output_dim or cin
+        # k, v over n + 1 positions, q of one; scores and sum; c_proj of the pooled vector and of n tokens
+        flops += 2.0 * (n + 1) * 2 * cin * cin + 2.0 * cin * cin + 4.0 * (n + 1) * cin + 2.0 * (n + 1) * cin * width
+        return flops, width
+
+    @nn.compact
+    def __call__(self, images):
+        chex.assert_rank(images, 4)
+        x = normalise_pixels(images, self.pixel_mean, self.pixel_std)
+        half, g = self.base_width // 2, self.norm_groups
+        for i, (ch, stride) in enumerate(((half, 2), (half, 1), (self.base_width, 1))):
+            x = nn.Conv(ch, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)), use_bias=False,
+                        dtype=self.dtype, name=f"stem_conv{i}")(x)
+            x = nn.relu(_norm(ch, g, self.dtype, f"stem_norm{i}")(x))
+        x = _avg_pool(x, 2)
+        for s, blocks in enumerate(self.layers):
+            for j in range(blocks):
+                x = Bottleneck(self.base_width * 2**s, 2 if (s > 0 and j == 0) else 1, g, self.dtype,
+                               name=f"stage{s}_block{j}")(x)
+        b, h, w, c = x.shape
+        return AttentionPool(self.num_heads, self.width, self.dtype, name="attn_pool")(x.reshape(b, h * w, c))
