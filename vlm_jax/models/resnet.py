@@ -104,19 +104,24 @@ class ModifiedResNet(nn.Module):
     ``layers``: bottleneck blocks per stage (RN50: (3, 4, 6, 3)); stage i has
     ``base_width · 2^i`` planes and, after the first, halves the resolution.
     The stem (stride 2, then a 2×2 pool) and the stages reduce the image by
-    4 · 2^(len(layers) − 1): RN50 maps 224 px to 7 × 7; the default tiny tower
-    (two stages) maps 32 px to 4 × 4, the ViT default's 16 tokens. ``width``
+    4 · 2^(len(layers) − 1), times ``space_to_depth``: RN50 maps 224 px to
+    7 × 7; a tiny tower of two stages maps 32 px to 4 × 4, the ViT default's
+    16 tokens. ``width``
     (the pooled size) is ``output_dim``, or the last stage's channels
     (base_width · 4 · 2^(len(layers) − 1)) when it is 0."""
 
     CONFIG: ClassVar[dict[str, Any]] = dict(layers=(2, 2), base_width=32, num_heads=4, output_dim=0, norm_groups=32,
-                                            pixel_mean=(), pixel_std=())
+                                            space_to_depth=1, pixel_mean=(), pixel_std=())
 
     layers: tuple[int, ...]
     base_width: int
     num_heads: int
     output_dim: int = 0
     norm_groups: int = 32
+    # s > 1: each s × s block of pixels becomes one pixel of 3·s² channels
+    # before the stem (space-to-depth, as TResNet's stem): an image s times
+    # larger in the same convolution FLOPs but the first convolution's.
+    space_to_depth: int = 1
     dtype: Dtype = jnp.float32
     pixel_mean: tuple[float, ...] = ()
     pixel_std: tuple[float, ...] = ()
@@ -131,12 +136,12 @@ class ModifiedResNet(nn.Module):
 
     @classmethod
     def from_config(cls, c, model_cfg, vocab_size: int) -> "ModifiedResNet":
-        return cls(tuple(c.layers), c.base_width, c.num_heads, c.output_dim, c.norm_groups,
+        return cls(tuple(c.layers), c.base_width, c.num_heads, c.output_dim, c.norm_groups, int(c.space_to_depth),
                    jnp.dtype(model_cfg.dtype), tuple(c.pixel_mean), tuple(c.pixel_std))
 
     @staticmethod
-    def reduction(layers) -> int:
-        return 4 * 2 ** (len(layers) - 1)
+    def reduction(layers, space_to_depth: int = 1) -> int:
+        return space_to_depth * 4 * 2 ** (len(layers) - 1)
 
     @classmethod
     def check(cls, config) -> None:
@@ -144,10 +149,12 @@ class ModifiedResNet(nn.Module):
         layers = tuple(c.layers)
         require(len(layers) > 0 and all(isinstance(n, int) and n > 0 for n in layers), "model.image.layers",
                 f"must be a non-empty tuple of positive block counts, got {c.layers!r}")
-        r = cls.reduction(layers)
+        require(isinstance(c.space_to_depth, int) and c.space_to_depth >= 1, "model.image.space_to_depth",
+                f"must be a positive integer (1: none), got {c.space_to_depth!r}")
+        r = cls.reduction(layers, c.space_to_depth)
         require(config.data.image_size % r == 0, "model.image.layers",
-                f"{len(layers)} stages reduce the image by {r}; data.image_size={config.data.image_size} "
-                f"is not a multiple of it")
+                f"{len(layers)} stages (and space_to_depth={c.space_to_depth}) reduce the image by {r}; "
+                f"data.image_size={config.data.image_size} is not a multiple of it")
         require(c.base_width > 0 and c.base_width % 2 == 0, "model.image.base_width",
                 f"must be a positive even number (the stem's first convolutions have base_width / 2), "
                 f"got {c.base_width}")
@@ -163,9 +170,9 @@ class ModifiedResNet(nn.Module):
         """(forward convolution and attention-pool FLOPs per image, pooled
         width); 3×3 convolutions count products with real pixels only."""
         c = config.model.image
-        side = config.data.image_size // 2
+        side = config.data.image_size // c.space_to_depth // 2
         half = c.base_width // 2
-        flops = conv3x3_flops(side, 2, 3, half) + conv3x3_flops(side, 1, half, half)
+        flops = conv3x3_flops(side, 2, 3 * c.space_to_depth**2, half) + conv3x3_flops(side, 1, half, half)
         flops += conv3x3_flops(side, 1, half, c.base_width)
         side, cin = side // 2, c.base_width
         for s, blocks in enumerate(c.layers):
@@ -187,6 +194,10 @@ class ModifiedResNet(nn.Module):
     def __call__(self, images):
         chex.assert_rank(images, 4)
         x = normalise_pixels(images, self.pixel_mean, self.pixel_std)
+        if self.space_to_depth > 1:
+            s = self.space_to_depth
+            b, h, w, c = x.shape
+            x = x.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // s, w // s, s * s * c)
         half, g = self.base_width // 2, self.norm_groups
         for i, (ch, stride) in enumerate(((half, 2), (half, 1), (self.base_width, 1))):
             x = nn.Conv(ch, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)), use_bias=False,
