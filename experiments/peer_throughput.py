@@ -99,7 +99,7 @@ for line in sys.stdin:
 def overrides(size: dict) -> list[str]:
     w, (di, dt) = size["width"], size["depth"]
     heads = w // 32 if w >= 128 else 4
-    return [f"model.image.width={w}", f"model.image.depth={di}", f"model.image.mlp_dim={4 * w}",
+    return ["model.image.tower=vit", f"model.image.width={w}", f"model.image.depth={di}", f"model.image.mlp_dim={4 * w}",
             f"model.image.num_heads={heads}", f"model.image.patch_size={size['patch']}",
             f"data.image_size={size['image']}", "model.image.pool=cls", "model.image.ln_pre=True",
             "model.image.patch_bias=False", "model.image.act=gelu", "model.image.norm_eps=1e-5",

@@ -34,6 +34,11 @@ def tiny_overrides(data_dir: str, **extra) -> list[str]:
         "data.data_dir": data_dir,
         "data.dataset_config": "tiny",
         "model.embed_dim": 32,
+        # a tiny ViT at 32 px (16 tokens) whatever configs/default.py's image tower is
+        "model.image.tower": "vit",
+        "data.image_size": 32,
+        "model.image.stem": "(32, 64, 128)",
+        "model.image.patch_size": 8,
         "model.image.width": 32,
         "model.image.depth": 1,
         "model.image.mlp_dim": 64,
