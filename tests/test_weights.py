@@ -173,6 +173,8 @@ def test_a_file_that_does_not_fit_lists_every_problem(tmp_path):
         weights.import_params(str(tmp_path / "extra.safetensors"), c, abstract_of(c)[0], objective.scalar_names)
     with pytest.raises(ConfigError, match=r"model.image.pool: OpenCLIP's layouts hold 'cls' or 'map', not 'gap'"):
         weights.export_params(params, reduced("clip", **{"model.image.pool": "gap"}), objective.scalar_names, path)
+    with pytest.raises(ConfigError, match=r"model.image.tower='resnet': this layout holds ViTs only"):
+        weights.export_params(params, reduced("clip", **{"model.image.tower": "resnet"}), objective.scalar_names, path)
 
 
 def test_position_embedding_resampling():

@@ -47,7 +47,10 @@ def check(model_cfg) -> None:
     """The options this layout can hold; anything else is a ConfigError naming the field."""
     img, txt = model_cfg.image, model_cfg.text
     problems = []
-    if img.tower != "vit" or tuple(img.stem):
+    if img.tower != "vit":
+        problems.append(f"model.image.tower={img.tower!r}: this layout holds ViTs only (OpenCLIP's ResNets use "
+                        f"BatchNorm, which the GroupNorm ResNet tower does not have)")
+    elif tuple(img.stem):
         problems.append("model.image: OpenCLIP's ViTs have no conv stem (stem=())")
     if img.pool == "cls":
         if not img.ln_pre or img.patch_bias or not model_cfg.image_projection:
