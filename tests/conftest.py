@@ -54,6 +54,7 @@ def tiny_overrides(data_dir: str, **extra) -> list[str]:
         "train.checkpoint_every": 4,
         "train.progress": False,
         "optim.warmup_steps": 4,
+        "optim.lr": 1e-3,  # the tiny model's, whatever the default recipe's
         "evals.zeroshot.max_examples": 64,
         "evals.zeroshot.batch_size": 32,
         "evals.retrieval.max_examples": 64,
