@@ -50,7 +50,7 @@ KINDS = {"softmax": "configs/default.py", "sigmoid": "configs/default.py:sigmoid
 # Tiny image towers of each kind (the ViT's are conftest's defaults); a
 # ResNet of two stages maps 32 px to 4 x 4 tokens.
 TOWERS = {"vit": {}, "resnet": {"model.image.tower": "resnet", "model.image.layers": "(1, 1)",
-                                "model.image.base_width": 8, "model.image.num_heads": 2}}
+                                "model.image.base_width": 16, "model.image.num_heads": 2}}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -220,7 +220,7 @@ def test_import_at_another_image_size_resamples_the_position_embedding(tmp_path)
 
 def _tiny_published(data_dir, family, **extra):
     values = {**REDUCED, "model.embed_dim": 64 if family == "siglip" else 48, **AS_OPEN_CLIP.get(family, {}),
-              "train.steps": 2, "train.eval_every": 0, **extra}
+              "train.steps": 2, "train.eval_every": 0, "model.image.stem": "()", **extra}  # no tiny-ViT stem
     return load_tiny_config(data_dir, f"configs/published.py:{PUBLISHED[family]}", **values)
 
 
