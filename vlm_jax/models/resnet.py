@@ -22,6 +22,10 @@ function of (params, batch), its result does not depend on how the batch is
 split over devices or micro-batches, and resume has no running averages to
 restore. Weights trained with BatchNorm (OpenAI's RN50) therefore do not
 load into it as they are. Each norm uses gcd(norm_groups, channels) groups.
+
+``model.remat`` and ``model.scan`` act on transformer blocks (the text
+tower's); this tower's blocks differ in shape per stage and are not scanned
+or rematerialised.
 """
 
 from __future__ import annotations
