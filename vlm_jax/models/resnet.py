@@ -49,6 +49,18 @@ def _norm(channels: int, groups: int, dtype, name: str, zero: bool = False) -> n
                         scale_init=nn.initializers.zeros if zero else nn.initializers.ones)
 
 
+def feature_width(layers, base_width: int) -> int:
+    """Channels of the last stage: the attention pool's width."""
+    return base_width * EXPANSION * 2 ** (len(layers) - 1)
+
+
+def blocks(layers, base_width: int) -> list[tuple[str, int, int]]:
+    """(name, planes, stride) of every bottleneck block: the first block of
+    each stage after the first halves the resolution."""
+    return [(f"stage{s}_block{j}", base_width * 2**s, 2 if (s > 0 and j == 0) else 1)
+            for s, n in enumerate(layers) for j in range(n)]
+
+
 def _avg_pool(x, s: int):
     return nn.avg_pool(x, (s, s), strides=(s, s)) if s > 1 else x
 
@@ -110,9 +122,8 @@ class ModifiedResNet(nn.Module):
     The stem (stride 2, then a 2×2 pool) and the stages reduce the image by
     4 · 2^(len(layers) − 1), times ``space_to_depth``: RN50 maps 224 px to
     7 × 7; a tiny tower of two stages maps 32 px to 4 × 4, the ViT default's
-    16 tokens. ``width``
-    (the pooled size) is ``output_dim``, or the last stage's channels
-    (base_width · 4 · 2^(len(layers) − 1)) when it is 0."""
+    16 tokens. ``width`` (the pooled size) is ``output_dim``, or the last
+    stage's channels (base_width · 4 · 2^(len(layers) − 1)) when it is 0."""
 
     CONFIG: ClassVar[dict[str, Any]] = dict(layers=(2, 2), base_width=32, num_heads=4, output_dim=0, norm_groups=32,
                                             space_to_depth=1, pixel_mean=(), pixel_std=())
@@ -131,12 +142,8 @@ class ModifiedResNet(nn.Module):
     pixel_std: tuple[float, ...] = ()
 
     @property
-    def features(self) -> int:
-        return self.base_width * EXPANSION * 2 ** (len(self.layers) - 1)
-
-    @property
     def width(self) -> int:
-        return self.output_dim or self.features
+        return self.output_dim or feature_width(self.layers, self.base_width)
 
     @classmethod
     def from_config(cls, c, model_cfg, vocab_size: int) -> "ModifiedResNet":
@@ -162,7 +169,7 @@ class ModifiedResNet(nn.Module):
         require(c.base_width > 0 and c.base_width % 2 == 0, "model.image.base_width",
                 f"must be a positive even number (the stem's first convolutions have base_width / 2), "
                 f"got {c.base_width}")
-        features = c.base_width * EXPANSION * 2 ** (len(layers) - 1)
+        features = feature_width(layers, c.base_width)
         require(c.num_heads > 0 and features % c.num_heads == 0, "model.image.num_heads",
                 f"{c.num_heads} does not divide the attention pool's width {features}")
         require(c.output_dim >= 0, "model.image.output_dim", f"must be >= 0 (0: {features}), got {c.output_dim}")
@@ -179,16 +186,13 @@ class ModifiedResNet(nn.Module):
         flops = conv3x3_flops(side, 2, 3 * c.space_to_depth**2, half) + conv3x3_flops(side, 1, half, half)
         flops += conv3x3_flops(side, 1, half, c.base_width)
         side, cin = side // 2, c.base_width
-        for s, blocks in enumerate(c.layers):
-            planes = c.base_width * 2**s
-            for j in range(blocks):
-                stride = 2 if (s > 0 and j == 0) else 1
-                out = side // stride
-                flops += 2.0 * side * side * cin * planes + conv3x3_flops(side, 1, planes, planes)
-                flops += 2.0 * out * out * planes * planes * 4
-                if stride > 1 or cin != planes * 4:
-                    flops += 2.0 * out * out * cin * planes * 4
-                side, cin = out, planes * 4
+        for _, planes, stride in blocks(c.layers, c.base_width):
+            out, cout = side // stride, planes * EXPANSION
+            flops += 2.0 * side * side * cin * planes + conv3x3_flops(side, 1, planes, planes)
+            flops += 2.0 * out * out * planes * cout
+            if stride > 1 or cin != cout:
+                flops += 2.0 * out * out * cin * cout
+            side, cin = out, cout
         n, width = side * side, c.output_dim or cin
         # k, v over n + 1 positions, q of one; scores and sum; c_proj of the pooled vector and of n tokens
         flops += 2.0 * (n + 1) * 2 * cin * cin + 2.0 * cin * cin + 4.0 * (n + 1) * cin + 2.0 * (n + 1) * cin * width
@@ -208,9 +212,7 @@ class ModifiedResNet(nn.Module):
                         dtype=self.dtype, name=f"stem_conv{i}")(x)
             x = nn.relu(_norm(ch, g, self.dtype, f"stem_norm{i}")(x))
         x = _avg_pool(x, 2)
-        for s, blocks in enumerate(self.layers):
-            for j in range(blocks):
-                x = Bottleneck(self.base_width * 2**s, 2 if (s > 0 and j == 0) else 1, g, self.dtype,
-                               name=f"stage{s}_block{j}")(x)
+        for name, planes, stride in blocks(self.layers, self.base_width):
+            x = Bottleneck(planes, stride, g, self.dtype, name=name)(x)
         b, h, w, c = x.shape
         return AttentionPool(self.num_heads, self.width, self.dtype, name="attn_pool")(x.reshape(b, h * w, c))
