@@ -6,7 +6,8 @@ objective: ``configs/default.py`` (CLIP softmax InfoNCE), ``:sigmoid``
 sharing the subject's colour–shape class are positives), ``:slip`` (CLIP +
 image–image InfoNCE between two augmented views), ``:filip`` (token-wise late
 interaction), ``:coca`` (CLIP + a captioning decoder over the image tokens,
-weights 1 and 2).
+weights 1 and 2), ``:albef`` (CLIP + image–text matching with hard negatives
++ masked language modelling through a fusion encoder, weights 1, 1, 1).
 
 The recipe (docs/ablations.md has the trials behind it): CLIP's modified
 ResNet image tower, two stages (4 × 4 tokens), fed the dataset's full 64 px
@@ -28,7 +29,7 @@ def get_config(arg: str = "softmax"):
     if arg == "sigmoid":
         config.loss.log_t_init = math.log(10.0)
         config.loss.bias_init = -10.0
-    elif arg in ("softmax", "coca"):
+    elif arg in ("softmax", "coca", "albef"):
         config.loss.log_t_init = math.log(30.0)
     config.model.image.tower = "resnet"
     config.model.image.update(dict(layers=(2, 2), base_width=32, num_heads=4, space_to_depth=2))

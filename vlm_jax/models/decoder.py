@@ -1,4 +1,5 @@
-"""A multimodal text decoder over image tokens (CoCa's captioning half).
+"""Multimodal modules over image tokens: CoCa's captioning decoder and
+ALBEF's fusion encoder.
 
 ``CaptionDecoder`` takes the causal text tower's per-token features (B, L, w)
 and the image tower's tokens (B, n, w_img) and returns logits (B, L, vocab)
@@ -9,11 +10,21 @@ embedded tokenizer has no BOS token to start from). Each block is pre-LN:
 causal self-attention, cross-attention to the image tokens (projected to the
 decoder width after a LayerNorm), MLP. With a causal text tower under it, the
 logits at position l depend on the tokens before l only (tested).
-Its parameters are plain pytrees; the objective that uses it owns them.
+
+``FusionEncoder`` (ALBEF / BLIP's multimodal encoder) takes the text tower's
+per-token features, their padding mask and the image tokens, and returns
+(B, 1 + L, w): a learned query first (image–text matching reads it), then one
+vector per text token (masked language modelling reads those). Its blocks are
+the decoder's with bidirectional self-attention over the query and the real
+tokens (padding is never attended to, so a caption's outputs do not depend on
+what fills its padding; tested).
+
+Their parameters are plain pytrees; the objective that uses one owns them.
 """
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -39,6 +50,13 @@ class CrossBlock(nn.Module):
         return x + MlpBlock(self.mlp_dim, self.dtype, self.act, name="mlp")(ln("ln3")(x))
 
 
+def image_context(image_tokens, width: int, dtype: Dtype, eps: float):
+    """The image tokens as cross-attention context: LayerNorm, then projected
+    to the text width (submodules "ln_image", "image_proj" of the caller)."""
+    context = nn.LayerNorm(epsilon=eps, dtype=dtype, name="ln_image")(image_tokens)
+    return nn.Dense(width, dtype=dtype, name="image_proj")(context)
+
+
 class CaptionDecoder(nn.Module):
     vocab_size: int
     depth: int
@@ -51,8 +69,7 @@ class CaptionDecoder(nn.Module):
     @nn.compact
     def __call__(self, text_features, image_tokens):
         width = text_features.shape[-1]
-        context = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln_image")(image_tokens)
-        context = nn.Dense(width, dtype=self.dtype, name="image_proj")(context)
+        context = image_context(image_tokens, width, self.dtype, self.norm_eps)
         b, length = text_features.shape[:2]
         mask = nn.make_causal_mask(jnp.ones((b, length), jnp.int32))
         start = self.param("start", nn.initializers.normal(0.02), (1, 1, width))
@@ -62,3 +79,29 @@ class CaptionDecoder(nn.Module):
                 x, context, mask)
         x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln_final")(x)
         return nn.Dense(self.vocab_size, dtype=jnp.float32, name="head")(x).astype(jnp.float32)
+
+
+class FusionEncoder(nn.Module):
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    act: str = "gelu_tanh"
+    norm_eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, text_features, valid, image_tokens):
+        """(B, 1 + L, w) from text features (B, L, w), ``valid`` (B, L) bool
+        (False = padding) and image tokens (B, n, w_img)."""
+        chex.assert_rank((text_features, valid, image_tokens), (3, 2, 3))
+        chex.assert_equal_shape_prefix((text_features, valid), 2)
+        b, width = text_features.shape[0], text_features.shape[-1]
+        context = image_context(image_tokens, width, self.dtype, self.norm_eps)
+        query = self.param("query", nn.initializers.normal(0.02), (1, 1, width))
+        x = jnp.concatenate([jnp.tile(query, (b, 1, 1)), text_features], axis=1).astype(self.dtype)
+        keys = jnp.concatenate([jnp.ones((b, 1), bool), valid], axis=1)
+        mask = nn.make_attention_mask(jnp.ones_like(keys), keys)
+        for i in range(self.depth):
+            x = CrossBlock(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps, name=f"block{i}")(
+                x, context, mask)
+        return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln_final")(x)

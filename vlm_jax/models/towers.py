@@ -406,7 +406,12 @@ class TextTransformer(nn.Module):
         return transformer_flops(c.width, c.depth, c.mlp_dim, c.max_len), c.width
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, replace: tuple[jax.Array, jax.Array] | None = None):
+        """(pooled (B, width), per-token features (B, L, width)) of ``tokens``
+        (B, L), 0 = padding. ``replace = (where (B, L) bool, vector (width,))``
+        puts ``vector`` in place of the token embedding at ``where`` (a masked
+        language model's [MASK], owned by its objective; the ids there still
+        count as real tokens)."""
         chex.assert_rank(tokens, 2)
         b, length = tokens.shape
         if length > self.max_len:
@@ -414,6 +419,10 @@ class TextTransformer(nn.Module):
         ids = jnp.where(tokens == 0, self.pad_id, tokens - self.token_offset) if self.pad_id or self.token_offset \
             else tokens
         x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name="embed")(ids)
+        if replace is not None:
+            where, vector = replace
+            chex.assert_shape((where, vector), ((b, length), (self.width,)))
+            x = jnp.where(where[..., None], vector.astype(x.dtype), x)
         pe = self.param("pos_embed", nn.initializers.normal(stddev=0.01), (1, self.max_len, self.width))
         x = (x + pe[:, :length]).astype(self.dtype)
         valid = tokens != 0

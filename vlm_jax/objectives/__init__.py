@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from vlm_jax.objectives.albef import ALBEF
 from vlm_jax.objectives.base import Contrastive, Objective, PooledEmbedder
 from vlm_jax.objectives.clip import CLIP
 from vlm_jax.objectives.coca import CoCa
@@ -26,6 +27,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "slip": SLIP,
     "filip": FILIP,
     "coca": CoCa,
+    "albef": ALBEF,
 }
 
 

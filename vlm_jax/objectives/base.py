@@ -106,6 +106,16 @@ class Contrastive(Objective):
                 "ztxt": self.apply(params, batch["text"], method=towers.TwoTower.encode_text)}
 
 
+def features_and_tokens(module: towers.TwoTower, images, tokens):
+    """(z^I, z^T, image tokens, text tokens): both towers' embeddings and
+    per-token features in one pass (``method=`` of ``TwoTower.apply``)."""
+    pooled_img, img_tokens = module.image(images)
+    pooled_txt, txt_tokens = module.text(tokens)
+    zimg = towers.l2_normalize(module.img_proj(pooled_img))
+    ztxt = towers.l2_normalize(module.txt_proj(pooled_txt))
+    return zimg, ztxt, img_tokens, txt_tokens
+
+
 class PooledEmbedder(Embedder):
     """One L2-normalised embedding per image and per text; cosine similarity.
 

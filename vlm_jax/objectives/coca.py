@@ -30,16 +30,7 @@ from vlm_jax.errors import require
 from vlm_jax.losses import captioning
 from vlm_jax.models import decoder as decoder_lib
 from vlm_jax.models import towers
-from vlm_jax.objectives.base import Contrastive
-
-
-def _features(module: towers.TwoTower, images, tokens):
-    """Pooled embeddings and per-token features of both towers in one pass."""
-    pooled_img, img_tokens = module.image(images)
-    pooled_txt, txt_tokens = module.text(tokens)
-    zimg = towers.l2_normalize(module.img_proj(pooled_img))
-    ztxt = towers.l2_normalize(module.txt_proj(pooled_txt))
-    return zimg, ztxt, img_tokens, txt_tokens
+from vlm_jax.objectives.base import Contrastive, features_and_tokens
 
 
 class CoCa(Contrastive):
@@ -67,7 +58,7 @@ class CoCa(Contrastive):
 
     def logits(self, params, images, tokens) -> jax.Array:
         """Next-token logits (B, L, V) of the captions ``tokens`` given the (normalised) images."""
-        _, _, img_tokens, txt_tokens = self.apply(params, images, tokens, method=_features)
+        _, _, img_tokens, txt_tokens = self.apply(params, images, tokens, method=features_and_tokens)
         return self.decoder.apply({"params": params["decoder"]}, txt_tokens, img_tokens)
 
     def greedy_captions(self, params, images, eos_id: int) -> jax.Array:
@@ -93,7 +84,7 @@ class CoCa(Contrastive):
 
     def encode(self, params, batch):
         images = pipeline.normalize_images(batch["image"])
-        zimg, ztxt, img_tokens, txt_tokens = self.apply(params, images, batch["text"], method=_features)
+        zimg, ztxt, img_tokens, txt_tokens = self.apply(params, images, batch["text"], method=features_and_tokens)
         logits = self.decoder.apply({"params": params["decoder"]}, txt_tokens, img_tokens)
         nll, count = captioning.token_nll(logits, batch["text"])
         return {"zimg": zimg, "ztxt": ztxt, "cap_nll": nll, "cap_count": count}
