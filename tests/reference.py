@@ -124,3 +124,51 @@ def caption_loss_and_grads(logits, tokens):
     loss = ((_lse(z, -1) - picked) * mask).sum() / count
     onehot = np.eye(z.shape[-1])[tokens]
     return loss, (_softmax(z, -1) - onehot) * mask[..., None] / count
+
+
+def hard_negative_draws(sim, log_t, tokens, u):
+    """Float64 inverse-CDF draws of ITM's negatives: for each image a caption
+    j ∝ exp(t·s_ij), for each caption an image i ∝ exp(t·s_ij), never one
+    whose caption equals the row's own; (index, valid) for each direction."""
+    same = (tokens[:, None, :] == tokens[None, :, :]).all(-1)
+    logits = np.float64(sim) * np.exp(np.float64(log_t))
+
+    def draw(z, excluded, uu):
+        idx, ok = np.zeros(len(z), np.int64), np.zeros(len(z), bool)
+        for i in range(len(z)):
+            allowed = ~excluded[i]
+            if not allowed.any():
+                continue
+            w = np.where(allowed, np.exp(z[i] - z[i][allowed].max()), 0.0)
+            cdf = np.cumsum(w)
+            idx[i], ok[i] = min(int(np.sum(cdf <= uu[i] * cdf[-1])), np.flatnonzero(allowed)[-1]), True
+        return idx, ok
+
+    return draw(logits, same, np.float64(u[:, 0])), draw(logits.T, same.T, np.float64(u[:, 1]))
+
+
+def itm_bilinear_loss_and_grads(sim, log_t, tokens, u, img_feats, txt_feats, w):
+    """L_ITM with pair logits (0, a_i·W·c_j), a the mean image token, c the
+    mean real text token; value and gradients for (img_feats, txt_feats, W)."""
+    (neg_t, ok_t), (neg_i, ok_i) = hard_negative_draws(sim, log_t, tokens, u)
+    b = len(sim)
+    rows = np.arange(b)
+    img_idx = np.concatenate([rows, rows, neg_i])
+    txt_idx = np.concatenate([rows, neg_t, rows])
+    y = np.concatenate([np.ones(b), np.zeros(2 * b)])
+    v = np.concatenate([np.ones(b, bool), ok_t, ok_i]).astype(np.float64)
+    mask = (tokens != 0).astype(np.float64)
+    a = np.float64(img_feats).mean(1)
+    c = (np.float64(txt_feats) * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    w = np.float64(w)
+    s = np.einsum("pd,de,pe->p", a[img_idx], w, c[txt_idx])
+    count = v.sum()
+    loss = (v * np.logaddexp(0.0, np.where(y == 1, -s, s))).sum() / count
+    ds = v * (1.0 / (1.0 + np.exp(-s)) - y) / count
+    da, dc = np.zeros_like(a), np.zeros_like(c)
+    np.add.at(da, img_idx, ds[:, None] * (c[txt_idx] @ w.T))
+    np.add.at(dc, txt_idx, ds[:, None] * (a[img_idx] @ w))
+    dw = np.einsum("p,pd,pe->de", ds, a[img_idx], c[txt_idx])
+    d_img = np.repeat(da[:, None, :] / img_feats.shape[1], img_feats.shape[1], axis=1)
+    d_txt = dc[:, None, :] * mask[..., None] / mask.sum(1)[:, None, None]
+    return loss, (d_img, d_txt, dw), (neg_t, ok_t, neg_i, ok_i)

@@ -9,8 +9,8 @@ from vlm_jax import metrics, parallel, session, step as step_lib, train
 from vlm_jax.data import pipeline
 
 
-def _setup_and_batch(data_dir, spec):
-    cfg = load_tiny_config(data_dir, spec)
+def _setup_and_batch(data_dir, spec, **extra):
+    cfg = load_tiny_config(data_dir, spec, **extra)
     run = session.setup(cfg)
     params = jax.jit(run.init_state, out_shardings=run.state_sh)(jax.random.PRNGKey(0))["params"]
     stream = pipeline.train_dataset(run.ds, cfg.data, cfg.model.text.max_len, cfg.train.batch_size, 0,
@@ -22,7 +22,7 @@ def _setup_and_batch(data_dir, spec):
 
 
 @pytest.mark.parametrize("spec", ["configs/default.py", "configs/default.py:sigmoid", "configs/default.py:slip",
-                                  "configs/default.py:coca"])
+                                  "configs/default.py:coca", "configs/default.py:albef"])
 def test_accumulated_gradients_equal_full_batch_gradients(data_dir, spec):
     cfg, run, params, batch = _setup_and_batch(data_dir, spec)
     objective = run.objective
