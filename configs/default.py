@@ -8,6 +8,8 @@ image–image InfoNCE between two augmented views), ``:filip`` (token-wise late
 interaction), ``:coca`` (CLIP + a captioning decoder over the image tokens,
 weights 1 and 2), ``:albef`` (CLIP + image–text matching with hard negatives
 + masked language modelling through a fusion encoder, weights 1, 1, 1).
+CLIP + masked image modelling (``loss.kind="mae"``) needs a ViT:
+``configs/vit.py:mae``.
 
 The recipe (docs/ablations.md has the trials behind it): CLIP's modified
 ResNet image tower, two stages (4 × 4 tokens), fed the dataset's full 64 px
@@ -29,7 +31,7 @@ def get_config(arg: str = "softmax"):
     if arg == "sigmoid":
         config.loss.log_t_init = math.log(10.0)
         config.loss.bias_init = -10.0
-    elif arg in ("softmax", "coca", "albef"):
+    elif arg in ("softmax", "coca", "albef", "mae"):
         config.loss.log_t_init = math.log(30.0)
     config.model.image.tower = "resnet"
     config.model.image.update(dict(layers=(2, 2), base_width=32, num_heads=4, space_to_depth=2))

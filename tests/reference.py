@@ -172,3 +172,19 @@ def itm_bilinear_loss_and_grads(sim, log_t, tokens, u, img_feats, txt_feats, w):
     d_img = np.repeat(da[:, None, :] / img_feats.shape[1], img_feats.shape[1], axis=1)
     d_txt = dc[:, None, :] * mask[..., None] / mask.sum(1)[:, None, None]
     return loss, (d_img, d_txt, dw), (neg_t, ok_t, neg_i, ok_i)
+
+
+def mae_loss_and_grads(pred, images, dropped, patch, eps=1e-6):
+    """MAE's loss: mean over dropped patches of the mean squared error to the
+    per-patch-normalised pixels, in float64, and its gradient in ``pred``."""
+    x = np.float64(images)
+    b, h, w, c = x.shape
+    g = h // patch
+    patches = x[:, :g * patch, :g * patch].reshape(b, g, patch, g, patch, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, g * g, -1)
+    target = (patches - patches.mean(-1, keepdims=True)) / np.sqrt(patches.var(-1, keepdims=True) + eps)
+    m = np.float64(dropped)
+    diff = np.float64(pred) - target
+    count = m.sum()
+    loss = (np.mean(diff ** 2, axis=-1) * m).sum() / count
+    return loss, 2 * diff / diff.shape[-1] * m[..., None] / count

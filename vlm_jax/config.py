@@ -23,7 +23,7 @@ from vlm_jax.errors import ConfigError, require, unknown_field
 ConfigDict = ml_collections.ConfigDict
 eval_entry = evaluators.entry  # config files: config.evals.<name> = eval_entry("zeroshot", splits=(...), ...)
 
-__all__ = ["ConfigDict", "ConfigError", "base_config", "eval_entry", "load_config", "apply_overrides",
+__all__ = ["ConfigDict", "ConfigError", "base_config", "eval_entry", "load_config", "from_file", "apply_overrides",
            "check_config", "check_against_mesh"]
 
 
@@ -194,6 +194,15 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     """Loads ``path.py[:arg]`` (calling ``get_config(arg)``), applies overrides, checks."""
     path, _, arg = spec.partition(":")
+    config = from_file(path, arg)
+    apply_overrides(config, overrides)
+    check_config(config)
+    return config
+
+
+def from_file(path: str, arg: str = "") -> ConfigDict:
+    """``get_config(arg)`` of the config file at ``path``, unchecked: a config
+    file can start from another one (``configs/vit.py`` from ``default.py``)."""
     if not os.path.isfile(path):
         raise ConfigError(f"--config: no config file at {path!r}")
     module_spec = importlib.util.spec_from_file_location(f"_vlm_jax_config_{abs(hash(path))}", path)
@@ -219,8 +228,6 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
         raise ConfigError(f"{path}: {call} raised {type(e).__name__}: {e}") from e
     if not isinstance(config, ConfigDict):
         raise ConfigError(f"{path}: get_config() must return a ConfigDict (start from vlm_jax.config.base_config())")
-    apply_overrides(config, overrides)
-    check_config(config)
     return config
 
 

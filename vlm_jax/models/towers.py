@@ -292,7 +292,11 @@ class ViT(nn.Module):
         return flops + transformer_flops(c.width, c.depth, c.mlp_dim, patches + (c.pool == "cls")), c.width
 
     @nn.compact
-    def __call__(self, images):
+    def __call__(self, images, keep: jax.Array | None = None):
+        """(pooled, tokens) of ``images``. ``keep`` (B, k) int32: only these
+        patch positions (row-major over the patch grid) enter the encoder,
+        after their position embeddings are added (MAE's masking); the class
+        token, if any, always does. ``tokens`` are then the k kept patches'."""
         chex.assert_rank(images, 4)
         x = normalise_pixels(images, self.pixel_mean, self.pixel_std)
         for i, channels in enumerate(self.stem):
@@ -317,6 +321,10 @@ class ViT(nn.Module):
         else:
             raise ValueError(f"config.model.image.posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
         x = x + pe.astype(x.dtype)
+        if keep is not None:
+            chex.assert_rank(keep, 2)
+            patches = jnp.take_along_axis(x[:, cls_token:], keep[..., None], axis=1)
+            x = jnp.concatenate([x[:, :1], patches], axis=1) if cls_token else patches
         if self.ln_pre:
             x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln_pre")(x)
         x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat, self.scan, self.act,

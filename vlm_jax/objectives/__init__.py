@@ -16,6 +16,7 @@ from vlm_jax.objectives.base import Contrastive, Objective, PooledEmbedder
 from vlm_jax.objectives.clip import CLIP
 from vlm_jax.objectives.coca import CoCa
 from vlm_jax.objectives.filip import FILIP
+from vlm_jax.objectives.mae import MAE
 from vlm_jax.objectives.siglip import SigLIP
 from vlm_jax.objectives.slip import SLIP
 from vlm_jax.objectives.unicl import UniCL
@@ -28,6 +29,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "filip": FILIP,
     "coca": CoCa,
     "albef": ALBEF,
+    "mae": MAE,
 }
 
 
