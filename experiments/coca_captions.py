@@ -4,7 +4,7 @@
         [--split test_seen] [--max_examples 1000] [--config.a.b=value ...]
 
 On the single-object scenes of the embedded dataset (``single_class``), the
-greedy caption (``CoCa.greedy_captions``) is decoded and checked word by word
+greedy caption (``CoCa.captions``, one beam) is decoded and checked word by word
 against the scene's class name ("red circle"): the colour word present, the
 shape word present, both. Chance is one colour in 8 and one shape in 5 for a
 caption that names one of each.
@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
     args, rest = p.parse_known_args(argv)
     cfg = config_lib.load_config(args.config, [o[len("--config."):] for o in rest if o.startswith("--config.")])
     run = session.setup(cfg)
-    if not hasattr(run.objective, "greedy_captions"):
+    if not hasattr(run.objective, "captions"):
         raise SystemExit(f"error: loss.kind={cfg.loss.kind!r} has no caption decoder (use configs/default.py:coca)")
     flat, step = rules.load_params(args.workdir)
     params = rules._unflat({k: jnp.asarray(v) for k, v in flat.items()})
@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
     keep = data["single_class"].astype(bool)
     images, labels = data["image"][keep], data["label"][keep]
     tok = run.ds.tokenizer
-    generate = jax.jit(lambda p, x: run.objective.greedy_captions(p, pipeline.normalize_images(x), tok.eos_id))
+    generate = jax.jit(lambda p, x: run.objective.captions(p, pipeline.normalize_images(x), tok.eos_id))
     rows = np.concatenate([np.asarray(generate(params, jnp.asarray(images[i:i + 256])))
                            for i in range(0, len(images), 256)])
     names = scenes.composition_names()

@@ -37,13 +37,14 @@ class CrossBlock(nn.Module):
     dtype: Dtype = jnp.float32
     act: str = "gelu_tanh"
     norm_eps: float = 1e-6
+    decode: bool = False  # self-attention keys and values cached, one position per call
 
     @nn.compact
     def __call__(self, x, context, mask):
         ln = lambda name: nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name=name)  # noqa: E731
         y = ln("ln1")(x)
-        x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, name="self_attn")(
-            y, y, mask=mask)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, decode=self.decode,
+                                                name="self_attn")(y, y, mask=mask)
         y = ln("ln2")(x)
         x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, name="cross_attn")(
             y, context)
@@ -65,18 +66,28 @@ class CaptionDecoder(nn.Module):
     dtype: Dtype = jnp.float32
     act: str = "gelu_tanh"
     norm_eps: float = 1e-6
+    # Incremental decoding (``clone(decode=True)``): each call predicts the next
+    # position from the text features of the token before it, (B, 1, w), or
+    # from the start vector when ``text_features`` is None (position 0).
+    decode: bool = False
+    width: int = 0  # the text width: needed when text_features is None
 
     @nn.compact
     def __call__(self, text_features, image_tokens):
-        width = text_features.shape[-1]
+        width = self.width if text_features is None else text_features.shape[-1]
         context = image_context(image_tokens, width, self.dtype, self.norm_eps)
-        b, length = text_features.shape[:2]
-        mask = nn.make_causal_mask(jnp.ones((b, length), jnp.int32))
         start = self.param("start", nn.initializers.normal(0.02), (1, 1, width))
-        x = jnp.concatenate([jnp.tile(start, (b, 1, 1)), text_features[:, :-1]], axis=1).astype(self.dtype)
+        b = image_tokens.shape[0]
+        if self.decode:
+            x, mask = (jnp.tile(start, (b, 1, 1)) if text_features is None else text_features), None
+        else:
+            length = text_features.shape[1]
+            mask = nn.make_causal_mask(jnp.ones((b, length), jnp.int32))
+            x = jnp.concatenate([jnp.tile(start, (b, 1, 1)), text_features[:, :-1]], axis=1)
+        x = x.astype(self.dtype)
         for i in range(self.depth):
-            x = CrossBlock(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps, name=f"block{i}")(
-                x, context, mask)
+            x = CrossBlock(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps, self.decode,
+                           name=f"block{i}")(x, context, mask)
         x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln_final")(x)
         return nn.Dense(self.vocab_size, dtype=jnp.float32, name="head")(x).astype(jnp.float32)
 

@@ -115,11 +115,13 @@ class EncoderBlock(nn.Module):
     dtype: Dtype = jnp.float32
     act: str = "gelu_tanh"
     norm_eps: float = 1e-6  # flax's and big_vision's; torch's LayerNorm (OpenCLIP) uses 1e-5
+    decode: bool = False  # one position per call, keys and values cached (the "cache" collection)
 
     @nn.compact
     def __call__(self, x, mask=None):
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln1")(x)
-        y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, name="attn")(y, y, mask=mask)
+        y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, decode=self.decode,
+                                            name="attn")(y, y, mask=mask)
         x = x + y
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln2")(x)
         return x + MlpBlock(self.mlp_dim, self.dtype, self.act, name="mlp")(y)
@@ -152,11 +154,12 @@ class _ScannedBlock(nn.Module):
     remat: str
     act: str
     norm_eps: float
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x, mask):
         block = _block_cls(self.remat, True)(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps,
-                                             name="block")
+                                             self.decode, name="block")
         return block(x, mask), None
 
 
@@ -165,7 +168,9 @@ class Encoder(nn.Module):
 
     remat: "none" or a policy of REMAT_POLICIES (activation memory for compute);
     scan: one ``nn.scan`` over stacked block parameters (compile time independent
-    of depth; parameters then live under "blocks" with a leading depth axis)."""
+    of depth; parameters then live under "blocks" with a leading depth axis).
+    decode: incremental decoding, the blocks' keys and values in the "cache"
+    collection (stacked like the parameters under scan)."""
 
     depth: int
     mlp_dim: int
@@ -175,18 +180,20 @@ class Encoder(nn.Module):
     scan: bool = False
     act: str = "gelu_tanh"
     norm_eps: float = 1e-6
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x, mask=None):
         if self.scan:
-            stack = nn.scan(_ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+            stack = nn.scan(_ScannedBlock, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
                             in_axes=nn.broadcast, length=self.depth)
-            x, _ = stack(self.mlp_dim, self.num_heads, self.dtype, self.remat, self.act, self.norm_eps,
+            x, _ = stack(self.mlp_dim, self.num_heads, self.dtype, self.remat, self.act, self.norm_eps, self.decode,
                          name="blocks")(x, mask)
         else:
             block = _block_cls(self.remat, False)
             for i in range(self.depth):
-                x = block(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps, name=f"block{i}")(x, mask)
+                x = block(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps, self.decode,
+                          name=f"block{i}")(x, mask)
         return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln_final")(x)
 
 
@@ -384,6 +391,10 @@ class TextTransformer(nn.Module):
     norm_eps: float = 1e-6
     pad_id: int = 0
     token_offset: int = 0
+    # Incremental decoding (``clone(decode=True)``; needs ``causal``): each call
+    # takes the next position's tokens (B, 1) and keeps the keys, values and the
+    # position in the "cache" collection (``vlm_jax.models.generate.init_cache``).
+    decode: bool = False
 
     @classmethod
     def from_config(cls, c, model_cfg, vocab_size: int) -> "TextTransformer":
@@ -432,18 +443,24 @@ class TextTransformer(nn.Module):
             chex.assert_shape((where, vector), ((b, length), (self.width,)))
             x = jnp.where(where[..., None], vector.astype(x.dtype), x)
         pe = self.param("pos_embed", nn.initializers.normal(stddev=0.01), (1, self.max_len, self.width))
+        if self.decode:  # the position comes from the cache; causality from the cached keys
+            ready = self.has_variable("cache", "position")
+            position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+            if ready:
+                pe = jax.lax.dynamic_slice_in_dim(pe, position.value, length, axis=1)
+                position.value = position.value + length
         x = (x + pe[:, :length]).astype(self.dtype)
         valid = tokens != 0
         mask = None
-        if self.mask_padding:
+        if self.mask_padding and not self.decode:  # generation writes no padding before the position
             mask = nn.make_attention_mask(valid, valid)
             # A row of padding attends to nothing; let padded queries see themselves
             # so softmax stays finite (their outputs are never pooled).
             mask = jnp.logical_or(mask, jnp.eye(length, dtype=bool)[None, None])
-        if self.causal:
+        if self.causal and not self.decode:
             mask = nn.combine_masks(mask, nn.make_causal_mask(tokens))
         x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat, self.scan, self.act,
-                    self.norm_eps, name="encoder")(x, mask)
+                    self.norm_eps, self.decode, name="encoder")(x, mask)
         if self.pool == "eos":
             last = jnp.maximum(valid.sum(axis=1) - 1, 0)
             return x[jnp.arange(b), last], x

@@ -29,6 +29,7 @@ from vlm_jax.data import pipeline
 from vlm_jax.errors import require
 from vlm_jax.losses import captioning
 from vlm_jax.models import decoder as decoder_lib
+from vlm_jax.models import generate
 from vlm_jax.models import towers
 from vlm_jax.objectives.base import Contrastive, features_and_tokens
 
@@ -49,7 +50,7 @@ class CoCa(Contrastive):
     def decoder(self) -> decoder_lib.CaptionDecoder:
         t = self.model.text
         return decoder_lib.CaptionDecoder(t.vocab_size, self.loss.decoder_depth, t.mlp_dim, t.num_heads, t.dtype,
-                                          t.act, t.norm_eps)
+                                          t.act, t.norm_eps, width=t.width)
 
     def init_parts(self, rng: jax.Array) -> dict[str, Any]:
         text = jnp.zeros((1, 2, self.model.text.width), self.model.text.dtype)
@@ -61,26 +62,50 @@ class CoCa(Contrastive):
         _, _, img_tokens, txt_tokens = self.apply(params, images, tokens, method=features_and_tokens)
         return self.decoder.apply({"params": params["decoder"]}, txt_tokens, img_tokens)
 
-    def greedy_captions(self, params, images, eos_id: int) -> jax.Array:
-        """Greedy captions (B, max_len) of the normalised ``images``: each step
-        appends the most likely token (never padding, 0) at the next position,
-        and rows stop, then pad with 0, after ``eos_id``. Each step recomputes
-        the towers on the whole fixed-length buffer (jittable, O(L²) work; the
-        causal masks make the tokens not yet written irrelevant); a KV cache
-        is future work."""
+    def decoding(self, params, images, beams: int = 1):
+        """(first, step, reorder, cache) of ``vlm_jax.models.generate`` for the
+        normalised ``images`` (B rows, then B·beams after the first step): the
+        causal text tower and the decoder run one position per call with their
+        keys and values cached; the image tokens are computed once."""
         b, length = images.shape[0], self.model.text.max_len
         img_tokens = self.apply(params, images, method=lambda m, x: m.image(x)[1])
+        img_rows = jnp.repeat(img_tokens, beams, axis=0)
+        text = self.model.text.clone(decode=True, remat="none", parent=None)
+        dec = self.decoder.clone(decode=True)
+        cache = {"text": generate.init_cache(text, {"params": params["text"]}, jnp.zeros((b, length), jnp.int32)),
+                 "decoder": generate.init_cache(dec, {"params": params["decoder"]},
+                                                jnp.zeros((b, length, self.model.text.width), text.dtype), img_tokens)}
 
-        def step(pos, carry):
-            tokens, done = carry
-            txt_tokens = self.apply(params, tokens, method=lambda m, t: m.text(t)[1])
-            logits = self.decoder.apply({"params": params["decoder"]}, txt_tokens, img_tokens)[:, pos]
-            nxt = jnp.argmax(logits.at[:, 0].set(-jnp.inf), axis=-1).astype(jnp.int32)
-            nxt = jnp.where(done, 0, nxt)
-            return tokens.at[:, pos].set(nxt), done | (nxt == eos_id)
+        def run_decoder(cache, features, context):
+            logits, new = dec.apply({"params": params["decoder"], "cache": cache}, features, context,
+                                    mutable=["cache"])
+            return jax.nn.log_softmax(logits[:, 0], axis=-1), new["cache"]
 
-        init = (jnp.zeros((b, length), jnp.int32), jnp.zeros((b,), bool))
-        return jax.lax.fori_loop(0, length, step, init)[0]
+        def first(cache):
+            logp, cache["decoder"] = run_decoder(cache["decoder"], None, img_tokens)
+            return logp, cache
+
+        def step(cache, tokens, pos):
+            (_, features), new = text.apply({"params": params["text"], "cache": cache["text"]}, tokens[:, None],
+                                            mutable=["cache"])
+            logp, dcache = run_decoder(cache["decoder"], features, img_rows)
+            return logp, {"text": new["cache"], "decoder": dcache}
+
+        def reorder(cache, rows):
+            # under scan the text tower's cache is stacked over blocks: its batch axis is 1
+            return {"text": generate.take_rows(cache["text"], rows, axis=int(text.scan)),
+                    "decoder": generate.take_rows(cache["decoder"], rows)}
+
+        return first, step, reorder, cache
+
+    def captions(self, params, images, eos_id: int, beams: int = 1, length_penalty: float = 0.0) -> jax.Array:
+        """Captions (B, max_len) of the normalised ``images`` by beam search
+        (``beams=1``: greedy, each step's most likely token), never padding
+        (0) before the end; a caption stops, then pads with 0, after
+        ``eos_id``. KV-cached: one position per step (``decoding``)."""
+        first, step, reorder, cache = self.decoding(params, images, beams)
+        return generate.beam_search(first, step, reorder, cache, images.shape[0], beams, self.model.text.max_len,
+                                    eos_id, length_penalty)[0]
 
     def encode(self, params, batch):
         images = pipeline.normalize_images(batch["image"])
