@@ -6,7 +6,7 @@ objective: ``configs/default.py`` (CLIP softmax InfoNCE), ``:sigmoid``
 sharing the subject's colour–shape class are positives), ``:slip`` (CLIP +
 image–image InfoNCE between two augmented views), ``:filip`` (token-wise late
 interaction), ``:coca`` (CLIP + a captioning decoder over the image tokens,
-weights 1 and 2), ``:albef`` (CLIP + image–text matching with hard negatives
+weights 1 and 2; evaluated also by its captions and by generative zero-shot), ``:albef`` (CLIP + image–text matching with hard negatives
 + masked language modelling through a fusion encoder, weights 1, 1, 1).
 CLIP + masked image modelling (``loss.kind="mae"``) needs a ViT:
 ``configs/vit.py:mae``.
@@ -22,7 +22,7 @@ softmax (CLIP) temperature started at t = 30; every evaluator at the end.
 
 import math
 
-from vlm_jax.config import base_config
+from vlm_jax.config import base_config, eval_entry
 
 
 def get_config(arg: str = "softmax"):
@@ -33,6 +33,10 @@ def get_config(arg: str = "softmax"):
         config.loss.bias_init = -10.0
     elif arg in ("softmax", "coca", "albef", "mae"):
         config.loss.log_t_init = math.log(30.0)
+    if arg == "coca":  # the decoder's own evaluations: greedy captions, and classes by prompt likelihood
+        config.evals.captioning = eval_entry("captioning", splits=("test_seen", "test_unseen"))
+        config.evals.genzeroshot = eval_entry("genzeroshot", splits=("test_seen", "test_unseen"),
+                                              templates=config.evals.zeroshot.templates, filter_key="single_class")
     config.model.image.tower = "resnet"
     config.model.image.update(dict(layers=(2, 2), base_width=32, num_heads=4, space_to_depth=2))
     config.data.image_size = 64

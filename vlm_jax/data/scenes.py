@@ -228,3 +228,37 @@ def perturbations(caption: str) -> dict[str, str]:
                 "colour": f"{words[0]} {_other(colours, words[1])} {words[2]}",
                 "shape": f"{words[0]} {words[1]} {_plural(_other(shapes, _PLURALS[words[2]]))}"}
     raise ValueError(f"caption {caption!r} is not in the embedded dataset's grammar")
+
+
+ATTRIBUTES = ("colour", "shape", "size", "count", "relation")
+
+
+def caption_attributes(caption: str) -> dict[str, tuple]:
+    """What a caption says, by kind of word, in the order said: colours,
+    shapes (plurals as the singular), sizes, counts (1 for "a", else the
+    number word's value) and relations. Words outside the grammar's lists are
+    ignored, so any text (a model's caption) can be read; a caption of the
+    grammar states every attribute its scene kind has."""
+    out: dict[str, list] = {name: [] for name in ATTRIBUTES}
+    words = caption.split()
+    i = 0
+    while i < len(words):
+        pair = " ".join(words[i:i + 2])
+        word = words[i]
+        if pair in RELATIONS:
+            out["relation"].append(pair)
+            i += 2
+            continue
+        if word in RELATIONS:
+            out["relation"].append(word)
+        elif word in COLOURS:
+            out["colour"].append(word)
+        elif word in SHAPES or word in _PLURALS:
+            out["shape"].append(_PLURALS.get(word, word))
+        elif word in SIZES:
+            out["size"].append(word)
+        elif word in _NUMBERS or word == "a":
+            out["count"].append(_NUMBERS.get(word, 1))
+        i += 1
+    return {name: tuple(values) for name, values in out.items()}
+

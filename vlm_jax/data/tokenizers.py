@@ -33,6 +33,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def decode(self, ids: list[int]) -> str: ...  # ids as ``encode`` gives them (no special tokens)
+
 
 class SentencePieceTokenizer:
     def __init__(self, model_path: str):
@@ -58,6 +60,9 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return [i + self._offset for i in self._sp.encode(text)]
 
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode([i - self._offset for i in ids if i >= self._offset])
+
 
 class ByteTokenizer:
     """UTF-8 bytes shifted by 2: 0 = PAD, 1 = EOS."""
@@ -68,6 +73,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return [b + 2 for b in text.encode("utf-8")]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i - 2 for i in ids if 2 <= i < 258).decode("utf-8", errors="replace")
 
 
 _PAD_NAMES = ("[pad]", "<pad>", "<|pad|>", "<|padding|>")
@@ -127,6 +135,9 @@ class JsonTokenizer:
         ids = self._tok.encode(clean_text(text), add_special_tokens=False).ids
         return [i + self._offset for i in ids]
 
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode([i - self._offset for i in ids if i >= self._offset], skip_special_tokens=True)
+
 
 KINDS = ("sentencepiece", "tokenizer_json", "bytes")
 
@@ -154,6 +165,16 @@ def tokenize(tok: Tokenizer, texts: Iterable[str], max_len: int) -> np.ndarray:
         ids = [*tok.prefix, *tok.encode(t)[:room], *tok.suffix]
         rows.append(ids + [PAD_ID] * (max_len - len(ids)))
     return np.asarray(rows, dtype=np.int32).reshape(-1, max_len)
+
+
+def detokenize(tok: Tokenizer, row) -> str:
+    """The text of one token row (``tokenize``'s layout, or a decoder's output):
+    cut at the first EOS or padding after the prefix, special tokens dropped."""
+    ids = [int(i) for i in row]
+    if tuple(ids[:len(tok.prefix)]) == tok.prefix:
+        ids = ids[len(tok.prefix):]
+    end = next((k for k, i in enumerate(ids) if i in (PAD_ID, tok.eos_id)), len(ids))
+    return tok.decode(ids[:end])
 
 
 def train_sentencepiece(sentences: Iterable[str], path: str, vocab_size: int) -> None:

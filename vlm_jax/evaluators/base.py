@@ -87,6 +87,19 @@ class Embedder(abc.ABC):
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
+class Captioner(abc.ABC):
+    """What a model with a caption decoder adds to its embedder (CoCa): it
+    writes captions and scores given ones (both traced under jit)."""
+
+    @abc.abstractmethod
+    def captions(self, params, images: jax.Array, eos_id: int, beams: int, length_penalty: float) -> jax.Array:
+        """uint8 images (n, H, W, 3) -> caption tokens (n, L), 0-padded after EOS."""
+
+    @abc.abstractmethod
+    def caption_logprob(self, params, images: jax.Array, tokens: jax.Array) -> jax.Array:
+        """(n_img, n_txt): log p(caption j | image i), summed over its real tokens."""
+
+
 class MeshEncoder:
     """Host arrays in, host representations out, batched over the data devices.
 
@@ -97,12 +110,18 @@ class MeshEncoder:
         n = parallel.num_data_devices(mesh)
         self.batch = -(-batch_size // n) * n
         self._in_sh = parallel.batch_sharding(mesh)
-        out_sh = parallel.replicated(mesh)
-        self._images = jax.jit(embedder.images, out_shardings=out_sh)
-        self._texts = jax.jit(embedder.texts, out_shardings=out_sh)
-        self._features = jax.jit(embedder.features, out_shardings=out_sh)  # compiled when a probe first asks
+        self._out_sh = parallel.replicated(mesh)
+        self._images = self.compile(embedder.images)
+        self._texts = self.compile(embedder.texts)
+        self._features = self.compile(embedder.features)  # compiled when a probe first asks
 
-    def _run(self, fn: Callable, params, x: np.ndarray) -> Any:
+    def compile(self, fn: Callable) -> Callable:
+        """``fn(params, x, *rest)`` jitted with replicated outputs, for ``run``."""
+        return jax.jit(fn, out_shardings=self._out_sh)
+
+    def run(self, fn: Callable, params, x: np.ndarray, *rest, dtype=np.float32) -> Any:
+        """``fn(params, chunk, *rest)`` over ``x`` in padded batches split over
+        the data devices; the outputs concatenated on the host as ``dtype``."""
         outs = []
         bs = self.batch
         for start in range(0, len(x), bs):
@@ -111,17 +130,17 @@ class MeshEncoder:
             if pad:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
             arr = jax.make_array_from_callback(chunk.shape, self._in_sh, lambda idx, c=chunk: c[idx])
-            outs.append(jax.tree_util.tree_map(lambda y, p=pad: np.asarray(y)[: bs - p], fn(params, arr)))
-        return jax.tree_util.tree_map(lambda *ys: np.concatenate(ys).astype(np.float32), *outs)
+            outs.append(jax.tree_util.tree_map(lambda y, p=pad: np.asarray(y)[: bs - p], fn(params, arr, *rest)))
+        return jax.tree_util.tree_map(lambda *ys: np.concatenate(ys).astype(dtype), *outs)
 
     def images(self, params, images: np.ndarray) -> Any:
-        return self._run(self._images, params, images)
+        return self.run(self._images, params, images)
 
     def texts(self, params, tokens: np.ndarray) -> Any:
-        return self._run(self._texts, params, tokens)
+        return self.run(self._texts, params, tokens)
 
     def features(self, params, images: np.ndarray) -> np.ndarray:
-        return self._run(self._features, params, images)
+        return self.run(self._features, params, images)
 
 
 # --------------------------------------------------------------------------- the run-wide context

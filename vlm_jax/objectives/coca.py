@@ -31,7 +31,8 @@ from vlm_jax.losses import captioning
 from vlm_jax.models import decoder as decoder_lib
 from vlm_jax.models import generate
 from vlm_jax.models import towers
-from vlm_jax.objectives.base import Contrastive, features_and_tokens
+from vlm_jax.evaluators.base import Captioner
+from vlm_jax.objectives.base import Contrastive, PooledEmbedder, features_and_tokens
 
 
 class CoCa(Contrastive):
@@ -107,6 +108,23 @@ class CoCa(Contrastive):
         return generate.beam_search(first, step, reorder, cache, images.shape[0], beams, self.model.text.max_len,
                                     eos_id, length_penalty)[0]
 
+    def caption_logprob(self, params, images, tokens) -> jax.Array:
+        """(n_img, n_txt): log p(caption j | image i) of the normalised
+        ``images`` and captions ``tokens``, summed over each caption's real
+        tokens; one decoder pass per pair, image by image."""
+        img_tokens = self.apply(params, images, method=lambda m, x: m.image(x)[1])
+        txt_tokens = self.apply(params, tokens, method=lambda m, t: m.text(t)[1])
+
+        def one_image(img):
+            context = jnp.broadcast_to(img, (tokens.shape[0], *img.shape))
+            logits = self.decoder.apply({"params": params["decoder"]}, txt_tokens, context)
+            return -captioning.token_nll(logits, tokens)[0]
+
+        return jax.lax.map(one_image, img_tokens)
+
+    def embedder(self) -> "CaptionEmbedder":
+        return CaptionEmbedder(self)
+
     def encode(self, params, batch):
         images = pipeline.normalize_images(batch["image"])
         zimg, ztxt, img_tokens, txt_tokens = self.apply(params, images, batch["text"], method=features_and_tokens)
@@ -120,3 +138,19 @@ class CoCa(Contrastive):
         cap = captioning.caption_loss(outputs["cap_nll"], outputs["cap_count"])
         loss = self.loss.contrastive_weight * clip + self.loss.caption_weight * cap
         return loss, {"log_temp": log_t, "clip_loss": clip, "caption_loss": cap}
+
+
+class CaptionEmbedder(PooledEmbedder, Captioner):
+    """CLIP's pooled embeddings, plus the decoder's captions and caption
+    likelihoods for the generative evaluators."""
+
+    def __init__(self, objective: CoCa):
+        super().__init__(objective.model)
+        self.objective = objective
+
+    def captions(self, params, images, eos_id, beams, length_penalty):
+        return self.objective.captions(params, pipeline.normalize_images(images), eos_id, beams, length_penalty)
+
+    def caption_logprob(self, params, images, tokens):
+        return self.objective.caption_logprob(params, pipeline.normalize_images(images), tokens)
+

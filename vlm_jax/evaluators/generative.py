@@ -1,0 +1,110 @@
+"""Evaluations of a caption decoder (models whose embedder is a ``Captioner``: CoCa).
+
+``captioning``: each image's caption by beam search (``beams``, 1 = greedy;
+``length_penalty``), compared with the example's first reference caption:
+``exact`` (the same words) and, when every reference of the split reads in
+the embedded dataset's grammar (``vlm_jax.data.scenes.caption_attributes``),
+one accuracy per attribute — colour, shape, size, count, relation — over the
+examples whose reference states it: the caption says exactly the reference's
+values of that attribute, in order (the subject's, then the object's).
+Generated and reference texts go to the results file for the first examples.
+
+``genzeroshot``: generative zero-shot classification (CapPa's scoring): an
+image's score for a class is the mean over templates of log p(prompt |
+image) under the decoder, summed over the prompt's tokens; the classes,
+templates and metrics are zero-shot's (``vlm_jax.evaluators.zeroshot``).
+Cost: one decoder pass per (image, prompt) pair.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from vlm_jax.data import scenes, tokenizers
+from vlm_jax.errors import ConfigError, require
+from vlm_jax.evaluators.base import Captioner, Evaluator, Metrics
+from vlm_jax.evaluators.zeroshot import ZeroShot, classification_metrics
+
+
+def _require_captioner(evaluator: Evaluator) -> Captioner:
+    embedder = evaluator.ctx.embedder
+    if not isinstance(embedder, Captioner):
+        raise ConfigError(f"config.{evaluator.field}: {evaluator.entry.kind!r} needs a model with a caption decoder "
+                          f"(loss.kind='coca'), not loss.kind={evaluator.ctx.config.loss.kind!r}; turn the entry off "
+                          f"with --config.{evaluator.field}.splits=()")
+    return embedder
+
+
+def attribute_accuracy(generated: list[str], references: list[str]) -> Metrics:
+    """Per attribute, the share of examples whose reference states it where the
+    generated caption states exactly the same values (``caption_attributes``)."""
+    gen = [scenes.caption_attributes(t) for t in generated]
+    ref = [scenes.caption_attributes(t) for t in references]
+    out: Metrics = {}
+    for name in scenes.ATTRIBUTES:
+        pairs = [(g[name], r[name]) for g, r in zip(gen, ref) if r[name]]
+        if pairs:
+            out[name] = float(np.mean([g == r for g, r in pairs]))
+    return out
+
+
+def in_grammar(caption: str) -> bool:
+    try:
+        scenes.perturbations(caption)
+    except ValueError:
+        return False
+    return True
+
+
+class Captioning(Evaluator):
+    FIELDS: ClassVar[dict[str, Any]] = {"beams": 1, "length_penalty": 0.0, "examples_kept": 16}
+    namespace = "captioning"
+
+    @classmethod
+    def check(cls, entry, field: str) -> None:
+        super().check(entry, field)
+        require(entry.beams >= 1, f"{field}.beams", f"must be >= 1, got {entry.beams}")
+        require(entry.length_penalty >= 0, f"{field}.length_penalty", "must be non-negative")
+
+    def setup(self) -> None:
+        captioner = _require_captioner(self)
+        e, eos = self.entry, self.ctx.tokenizer.eos_id
+        self._captions = self.encoder.compile(
+            lambda p, x: captioner.captions(p, x, eos, int(e.beams), float(e.length_penalty)))
+
+    def evaluate_split(self, params, split: str) -> Metrics:
+        data = self.data(split)
+        rows = self.encoder.run(self._captions, params, data["image"], dtype=np.int32)
+        generated = [" ".join(tokenizers.detokenize(self.ctx.tokenizer, r).split()) for r in rows]
+        references = [" ".join(str(c).split()) for c in data["caption"]]
+        out: Metrics = {"exact": float(np.mean([g == r for g, r in zip(generated, references)]))}
+        if all(in_grammar(r) for r in references):
+            out.update(attribute_accuracy(generated, references))
+            out["in_grammar"] = float(np.mean([in_grammar(g) for g in generated]))
+        k = int(self.entry.examples_kept)
+        self.details[split] = {"captions": [{"generated": g, "reference": r}
+                                            for g, r in zip(generated[:k], references[:k])]}
+        return out
+
+
+class GenerativeZeroShot(ZeroShot):
+    namespace = "genzeroshot"
+
+    def setup(self) -> None:
+        super().setup()
+        captioner = _require_captioner(self)
+        self._logprob = self.encoder.compile(captioner.caption_logprob)
+
+    def evaluate_split(self, params, split: str) -> Metrics:
+        data = self.data(split)
+        keep = data[self.entry.filter_key].astype(bool) if self.entry.filter_key else np.ones(len(data["image"]), bool)
+        if not keep.any():
+            return {}
+        logp = self.encoder.run(self._logprob, params, data["image"][keep], self.prompt_tokens)
+        scores = logp.reshape(len(logp), len(self.class_names), len(self.template_list)).mean(axis=2)
+        metrics, per_class = classification_metrics(scores, data[self.label_key][keep].astype(np.int32),
+                                                    self.class_names)
+        self.details[split] = {"per_class_top1": per_class}
+        return metrics
