@@ -34,7 +34,7 @@ def get_config(arg: str = "softmax"):
     elif arg in ("softmax", "coca", "albef", "mae"):
         config.loss.log_t_init = math.log(30.0)
     if arg == "coca":  # the decoder's own evaluations: greedy captions, and classes by prompt likelihood
-        config.evals.captioning = eval_entry("captioning", splits=("test_seen", "test_unseen"))
+        config.evals.captioning = eval_entry("captioning", splits=("test_seen", "test_unseen"), group_key="kind")
         config.evals.genzeroshot = eval_entry("genzeroshot", splits=("test_seen", "test_unseen"),
                                               templates=config.evals.zeroshot.templates, filter_key="single_class")
     config.model.image.tower = "resnet"

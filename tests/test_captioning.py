@@ -88,3 +88,43 @@ def test_greedy_captions_follow_the_teacher_forced_distribution(data_dir):
         done |= nxt == eos
     np.testing.assert_array_equal(got, want)
     assert (got != 0).any()
+
+
+@pytest.mark.parametrize("module", ("decoder", "fusion"))
+def test_the_cross_attention_stacks_remat_and_scan_to_the_same_values_and_gradients(module):
+    from vlm_jax.models import decoder
+
+    rng = np.random.default_rng(0)
+    text = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32)
+    image = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
+    valid = jnp.asarray([[1, 1, 1, 0, 0], [1] * 5], bool)
+
+    def make(**kw):
+        if module == "decoder":
+            m = decoder.CaptionDecoder(11, 2, 32, 2, **kw)
+            return m, (lambda p: m.apply({"params": p}, text, image))
+        m = decoder.FusionEncoder(2, 32, 2, **kw)
+        return m, (lambda p: m.apply({"params": p}, text, valid, image))
+
+    plain, f = make()
+    args = (text, image) if module == "decoder" else (text, valid, image)
+    params = plain.init(jax.random.PRNGKey(0), *args)["params"]
+    loss = lambda fn: lambda p: jnp.sum(jnp.sin(fn(p)))  # noqa: E731
+    want, want_g = jax.value_and_grad(loss(f))(params)
+    _, f_remat = make(remat="full")
+    got, got_g = jax.value_and_grad(loss(f_remat))(params)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(got_g), jax.tree_util.tree_leaves(want_g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    scanned, f_scan = make(scan=True)
+    blocks = [params.pop(f"block{i}") for i in range(2)]
+    stacked = {**params, "blocks": {"block": jax.tree_util.tree_map(lambda *x: jnp.stack(x), *blocks)}}
+    assert jax.tree_util.tree_structure(stacked) == jax.tree_util.tree_structure(
+        scanned.init(jax.random.PRNGKey(0), *args)["params"])
+    got, got_g = jax.value_and_grad(loss(f_scan))(stacked)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    want_stacked = {k: v for k, v in want_g.items() if not k.startswith("block")}
+    want_stacked["blocks"] = {"block": jax.tree_util.tree_map(lambda *x: jnp.stack(x), want_g["block0"],
+                                                              want_g["block1"])}
+    for a, b in zip(jax.tree_util.tree_leaves(got_g), jax.tree_util.tree_leaves(want_stacked)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -64,8 +64,10 @@ def test_the_generative_evaluators_report_and_match_a_direct_computation(coca):
     suite = evaluators.Suite(cfg, run.mesh, run.objective.embedder(), run.ds)
     out = suite.run(params)
     for split in ("test_seen", "test_unseen"):
-        for key in ("exact", "colour", "shape", "size", "count", "relation", "in_grammar"):
+        for key in ("exact", "colour", "shape", "size", "count", "relation", "in_grammar", "single/size",
+                    "count/count", "relation/relation"):
             assert 0.0 <= out[f"captioning/{split}/{key}"] <= 1.0
+        assert f"captioning/{split}/count/size" not in out  # a count scene's caption states no size
     # generative zero-shot top-1 from the objective's own likelihoods
     entry = cfg.evals.genzeroshot
     data = pipeline.load_split(run.ds, cfg.data, "test_seen", cfg.model.text.max_len, entry.max_examples)
@@ -89,3 +91,11 @@ def test_generative_evaluators_refuse_a_model_without_a_decoder(data_dir):
     run = session.setup(cfg)
     with pytest.raises(ConfigError, match=r"config.evals.captioning: 'captioning' needs a model with a caption"):
         evaluators.Suite(cfg, run.mesh, run.objective.embedder(), run.ds)
+
+
+def test_a_captioning_group_key_must_be_a_class_label(data_dir):
+    cfg = load_tiny_config(data_dir, "configs/default.py:coca", **{"evals.captioning.group_key": "caption"})
+    run = session.setup(cfg)
+    with pytest.raises(ConfigError, match=r"config.evals.captioning.group_key: 'caption' is not a class-label"):
+        evaluators.Suite(cfg, run.mesh, run.objective.embedder(), run.ds)
+

@@ -7,6 +7,8 @@ the embedded dataset's grammar (``vlm_jax.data.scenes.caption_attributes``),
 one accuracy per attribute — colour, shape, size, count, relation — over the
 examples whose reference states it: the caption says exactly the reference's
 values of that attribute, in order (the subject's, then the object's).
+With ``group_key`` (a class-label feature: the embedded data's scene
+``kind``) the metrics are also given per group, "<group>/<metric>".
 Generated and reference texts go to the results file for the first examples.
 
 ``genzeroshot``: generative zero-shot classification (CapPa's scoring): an
@@ -59,7 +61,12 @@ def in_grammar(caption: str) -> bool:
 
 
 class Captioning(Evaluator):
-    FIELDS: ClassVar[dict[str, Any]] = {"beams": 1, "length_penalty": 0.0, "examples_kept": 16}
+    FIELDS: ClassVar[dict[str, Any]] = {
+        "beams": 1,  # 1 = greedy
+        "length_penalty": 0.0,  # beams are ranked by score / length ** length_penalty
+        "group_key": "",  # a ClassLabel feature: the metrics also per value, "<name>/<metric>" ("kind": scene kinds)
+        "examples_kept": 16,  # caption pairs written to the results file per split
+    }
     namespace = "captioning"
 
     @classmethod
@@ -73,16 +80,34 @@ class Captioning(Evaluator):
         e, eos = self.entry, self.ctx.tokenizer.eos_id
         self._captions = self.encoder.compile(
             lambda p, x: captioner.captions(p, x, eos, int(e.beams), float(e.length_penalty)))
+        self.groups = None
+        if e.group_key:
+            self.groups = self.ctx.dataset(self.data_cfg).class_names_of(e.group_key)
+            if not self.groups:
+                raise ConfigError(f"config.{self.field}.group_key: {e.group_key!r} is not a class-label feature of "
+                                  f"dataset {self.data_cfg.dataset!r}")
+
+    @staticmethod
+    def scores(generated: list[str], references: list[str]) -> Metrics:
+        out: Metrics = {"exact": float(np.mean([g == r for g, r in zip(generated, references)]))}
+        if all(in_grammar(r) for r in references):
+            out.update(attribute_accuracy(generated, references))
+            out["in_grammar"] = float(np.mean([in_grammar(g) for g in generated]))
+        return out
 
     def evaluate_split(self, params, split: str) -> Metrics:
         data = self.data(split)
         rows = self.encoder.run(self._captions, params, data["image"], dtype=np.int32)
         generated = [" ".join(tokenizers.detokenize(self.ctx.tokenizer, r).split()) for r in rows]
         references = [" ".join(str(c).split()) for c in data["caption"]]
-        out: Metrics = {"exact": float(np.mean([g == r for g, r in zip(generated, references)]))}
-        if all(in_grammar(r) for r in references):
-            out.update(attribute_accuracy(generated, references))
-            out["in_grammar"] = float(np.mean([in_grammar(g) for g in generated]))
+        out = self.scores(generated, references)
+        if self.groups:
+            group = data[self.entry.group_key]
+            for g, name in enumerate(self.groups):
+                idx = np.flatnonzero(group == g)
+                if idx.size:
+                    part = self.scores([generated[i] for i in idx], [references[i] for i in idx])
+                    out.update({f"{name}/{k}": v for k, v in part.items()})
         k = int(self.entry.examples_kept)
         self.details[split] = {"captions": [{"generated": g, "reference": r}
                                             for g, r in zip(generated[:k], references[:k])]}

@@ -28,7 +28,7 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vlm_jax.models.towers import Dtype, MlpBlock
+from vlm_jax.models.towers import Dtype, MlpBlock, remat_block
 
 
 class CrossBlock(nn.Module):
@@ -51,6 +51,39 @@ class CrossBlock(nn.Module):
         return x + MlpBlock(self.mlp_dim, self.dtype, self.act, name="mlp")(ln("ln3")(x))
 
 
+class _ScannedCrossBlock(nn.Module):
+    """One cross-attention block in nn.scan's (carry, x) -> (carry, y) form."""
+
+    mlp_dim: int
+    num_heads: int
+    dtype: Dtype
+    act: str
+    norm_eps: float
+    decode: bool
+    remat: str
+
+    @nn.compact
+    def __call__(self, x, context, mask):
+        block = remat_block(CrossBlock, self.remat, True)(self.mlp_dim, self.num_heads, self.dtype, self.act,
+                                                          self.norm_eps, self.decode, name="block")
+        return block(x, context, mask), None
+
+
+def cross_blocks(x, context, mask, *, depth: int, mlp_dim: int, num_heads: int, dtype: Dtype, act: str,
+                 norm_eps: float, remat: str, scan: bool, decode: bool):
+    """``depth`` CrossBlocks of the calling module: "block{i}", or under
+    ``scan`` one "blocks" stack with a leading depth axis (the towers' layout);
+    ``remat`` a policy of ``towers.REMAT_POLICIES`` or "none"."""
+    if scan:
+        stack = nn.scan(_ScannedCrossBlock, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast), length=depth)
+        return stack(mlp_dim, num_heads, dtype, act, norm_eps, decode, remat, name="blocks")(x, context, mask)[0]
+    block = remat_block(CrossBlock, remat, False)
+    for i in range(depth):
+        x = block(mlp_dim, num_heads, dtype, act, norm_eps, decode, name=f"block{i}")(x, context, mask)
+    return x
+
+
 def image_context(image_tokens, width: int, dtype: Dtype, eps: float):
     """The image tokens as cross-attention context: LayerNorm, then projected
     to the text width (submodules "ln_image", "image_proj" of the caller)."""
@@ -71,6 +104,8 @@ class CaptionDecoder(nn.Module):
     # from the start vector when ``text_features`` is None (position 0).
     decode: bool = False
     width: int = 0  # the text width: needed when text_features is None
+    remat: str = "none"  # as config.model.remat
+    scan: bool = False  # as config.model.scan
 
     @nn.compact
     def __call__(self, text_features, image_tokens):
@@ -84,10 +119,9 @@ class CaptionDecoder(nn.Module):
             length = text_features.shape[1]
             mask = nn.make_causal_mask(jnp.ones((b, length), jnp.int32))
             x = jnp.concatenate([jnp.tile(start, (b, 1, 1)), text_features[:, :-1]], axis=1)
-        x = x.astype(self.dtype)
-        for i in range(self.depth):
-            x = CrossBlock(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps, self.decode,
-                           name=f"block{i}")(x, context, mask)
+        x = cross_blocks(x.astype(self.dtype), context, mask, depth=self.depth, mlp_dim=self.mlp_dim,
+                         num_heads=self.num_heads, dtype=self.dtype, act=self.act, norm_eps=self.norm_eps,
+                         remat=self.remat, scan=self.scan, decode=self.decode)
         x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln_final")(x)
         return nn.Dense(self.vocab_size, dtype=jnp.float32, name="head")(x).astype(jnp.float32)
 
@@ -99,6 +133,8 @@ class FusionEncoder(nn.Module):
     dtype: Dtype = jnp.float32
     act: str = "gelu_tanh"
     norm_eps: float = 1e-6
+    remat: str = "none"  # as config.model.remat
+    scan: bool = False  # as config.model.scan
 
     @nn.compact
     def __call__(self, text_features, valid, image_tokens):
@@ -112,7 +148,7 @@ class FusionEncoder(nn.Module):
         x = jnp.concatenate([jnp.tile(query, (b, 1, 1)), text_features], axis=1).astype(self.dtype)
         keys = jnp.concatenate([jnp.ones((b, 1), bool), valid], axis=1)
         mask = nn.make_attention_mask(jnp.ones_like(keys), keys)
-        for i in range(self.depth):
-            x = CrossBlock(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps, name=f"block{i}")(
-                x, context, mask)
+        x = cross_blocks(x, context, mask, depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                         dtype=self.dtype, act=self.act, norm_eps=self.norm_eps, remat=self.remat, scan=self.scan,
+                         decode=False)
         return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln_final")(x)

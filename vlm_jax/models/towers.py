@@ -136,13 +136,14 @@ REMAT_POLICIES = {
 }
 
 
-def _block_cls(remat: str, scan: bool):
+def remat_block(block: type[nn.Module], remat: str, scan: bool) -> type[nn.Module]:
+    """``block`` (a block class) rematerialised by the policy ``remat`` names."""
     if remat == "none":
-        return EncoderBlock
+        return block
     if remat not in REMAT_POLICIES:
         raise ValueError(f"config.model.remat must be 'none' or one of {sorted(REMAT_POLICIES)}, got {remat!r}")
     # Under scan the loop already separates the iterations, so CSE prevention is unnecessary.
-    return nn.remat(EncoderBlock, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+    return nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
 
 
 class _ScannedBlock(nn.Module):
@@ -158,7 +159,7 @@ class _ScannedBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask):
-        block = _block_cls(self.remat, True)(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps,
+        block = remat_block(EncoderBlock, self.remat, True)(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps,
                                              self.decode, name="block")
         return block(x, mask), None
 
@@ -190,7 +191,7 @@ class Encoder(nn.Module):
             x, _ = stack(self.mlp_dim, self.num_heads, self.dtype, self.remat, self.act, self.norm_eps, self.decode,
                          name="blocks")(x, mask)
         else:
-            block = _block_cls(self.remat, False)
+            block = remat_block(EncoderBlock, self.remat, False)
             for i in range(self.depth):
                 x = block(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps, self.decode,
                           name=f"block{i}")(x, mask)

@@ -112,7 +112,8 @@ class ALBEF(Contrastive):
     @property
     def fusion(self) -> decoder_lib.FusionEncoder:
         t = self.model.text
-        return decoder_lib.FusionEncoder(self.loss.fusion_depth, t.mlp_dim, t.num_heads, t.dtype, t.act, t.norm_eps)
+        return decoder_lib.FusionEncoder(self.loss.fusion_depth, t.mlp_dim, t.num_heads, t.dtype, t.act, t.norm_eps,
+                                         t.remat, t.scan)
 
     def init_parts(self, rng: jax.Array) -> dict[str, Any]:
         t, w = self.model.text, self.model.text.width

@@ -51,7 +51,7 @@ class CoCa(Contrastive):
     def decoder(self) -> decoder_lib.CaptionDecoder:
         t = self.model.text
         return decoder_lib.CaptionDecoder(t.vocab_size, self.loss.decoder_depth, t.mlp_dim, t.num_heads, t.dtype,
-                                          t.act, t.norm_eps, width=t.width)
+                                          t.act, t.norm_eps, width=t.width, remat=t.remat, scan=t.scan)
 
     def init_parts(self, rng: jax.Array) -> dict[str, Any]:
         text = jnp.zeros((1, 2, self.model.text.width), self.model.text.dtype)
@@ -72,7 +72,7 @@ class CoCa(Contrastive):
         img_tokens = self.apply(params, images, method=lambda m, x: m.image(x)[1])
         img_rows = jnp.repeat(img_tokens, beams, axis=0)
         text = self.model.text.clone(decode=True, remat="none", parent=None)
-        dec = self.decoder.clone(decode=True)
+        dec = self.decoder.clone(decode=True, remat="none")
         cache = {"text": generate.init_cache(text, {"params": params["text"]}, jnp.zeros((b, length), jnp.int32)),
                  "decoder": generate.init_cache(dec, {"params": params["decoder"]},
                                                 jnp.zeros((b, length, self.model.text.width), text.dtype), img_tokens)}
@@ -93,9 +93,9 @@ class CoCa(Contrastive):
             return logp, {"text": new["cache"], "decoder": dcache}
 
         def reorder(cache, rows):
-            # under scan the text tower's cache is stacked over blocks: its batch axis is 1
+            # under scan the caches are stacked over blocks: their batch axis is 1
             return {"text": generate.take_rows(cache["text"], rows, axis=int(text.scan)),
-                    "decoder": generate.take_rows(cache["decoder"], rows)}
+                    "decoder": generate.take_rows(cache["decoder"], rows, axis=int(dec.scan))}
 
         return first, step, reorder, cache
 
