@@ -77,19 +77,6 @@ def test_the_vit_encodes_only_the_kept_patches():
     np.testing.assert_array_equal(np.asarray(other[0]), np.asarray(tokens[0]))
 
 
-def test_mae_trains_its_decoder_from_the_vit_config(data_dir):
-    from vlm_jax import metrics, train
-    import tempfile
-
-    cfg = load_tiny_config(data_dir, "configs/vit.py:mae", **{"model.image.stem": "()", "model.image.patch_size": 4,
-                                                               "train.steps": 6, "train.eval_every": 0,
-                                                               "train.checkpoint_every": 100, "train.log_every": 1})
-    with tempfile.TemporaryDirectory() as workdir:
-        train.train(cfg, workdir)
-        rows = [r for r in metrics.read_metrics(workdir) if "train/mae_loss" in r]
-    assert rows[-1]["train/mae_loss"] < rows[0]["train/mae_loss"] and "train/clip_loss" in rows[-1]
-
-
 @pytest.mark.parametrize("extra,match", [({"model.image.tower": "resnet"}, "config.model.image.tower: masked image"),
                                          ({}, "config.model.image.stem: masked image"),
                                          ({"model.image.stem": "()", "loss.mask_ratio": 1.0},
