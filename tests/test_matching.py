@@ -194,9 +194,11 @@ def test_albef_loss_is_the_same_on_1_and_8_devices(data_dir):
         assert v == pytest.approx(results[8][1][k], rel=1e-5, abs=1e-6), k
 
 
-@pytest.mark.parametrize("field,value,match", [("loss.mlm_prob", 0.0, "config.loss.mlm_prob"),
-                                               ("loss.fusion_depth", 0, "config.loss.fusion_depth"),
-                                               ("loss.itm_weight", -1.0, "config.loss.itm_weight")])
-def test_albef_config_errors_name_the_field(data_dir, field, value, match):
+@pytest.mark.parametrize("extra,match", [({"loss.mlm_prob": 0.0}, "config.loss.mlm_prob"),
+                                         ({"loss.fusion_depth": 0}, "config.loss.fusion_depth"),
+                                         ({"loss.itm_weight": -1.0}, "config.loss.itm_weight"),
+                                         ({"loss.contrastive_weight": 0.0, "loss.itm_weight": 0.0,
+                                           "loss.mlm_weight": 0.0}, "all 0: nothing to train")])
+def test_albef_config_errors_name_the_field(data_dir, extra, match):
     with pytest.raises(ConfigError, match=match):
-        session.setup(load_tiny_config(data_dir, "configs/default.py:albef", **{field: value}))
+        session.setup(load_tiny_config(data_dir, "configs/default.py:albef", **extra))

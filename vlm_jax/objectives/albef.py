@@ -102,6 +102,8 @@ class ALBEF(Contrastive):
         require(0.0 < c.mlm_prob <= 1.0, "loss.mlm_prob", f"must be in (0, 1], got {c.mlm_prob}")
         for name in ("contrastive_weight", "itm_weight", "mlm_weight"):
             require(c[name] >= 0, f"loss.{name}", f"must be non-negative, got {c[name]}")
+        require(c.contrastive_weight + c.itm_weight + c.mlm_weight > 0, "loss.itm_weight",
+                "contrastive_weight, itm_weight and mlm_weight are all 0: nothing to train")
 
     @property
     def augment(self):

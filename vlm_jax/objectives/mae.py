@@ -75,6 +75,8 @@ class MAE(Contrastive):
                 f"{config.model.image.num_heads}")
         for name in ("contrastive_weight", "mae_weight"):
             require(c[name] >= 0, f"loss.{name}", f"must be non-negative, got {c[name]}")
+        require(c.contrastive_weight + c.mae_weight > 0, "loss.mae_weight",
+                "contrastive_weight and mae_weight are both 0: nothing to train")
 
     @property
     def augment(self):
