@@ -30,8 +30,8 @@ negatives and runs the fusion encoder on the 3B pairs over the global batch,
 so ``accum_steps = k`` equals the full batch exactly (the fusion encoder and
 the ITM head are ``scalar_names``: their gradient from the pairs is taken once).
 
-Memory beyond CLIP: the fusion encoder on 2B sequences per step in ``encode``
-(the masked captions; B of them) and 3B in ``combine`` — the pairs are formed
+Memory beyond CLIP: the fusion encoder on B sequences per step in ``encode``
+(the masked captions) and 3B in ``combine`` — the pairs are formed
 over the global batch, so accumulation does not shrink this part; the masked
 captions' second text-tower pass; B × B similarities for the sampler.
 Communication: the negatives' token blocks, gathered to the rows that drew them.
