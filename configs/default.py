@@ -6,8 +6,9 @@ objective: ``configs/default.py`` (CLIP softmax InfoNCE), ``:sigmoid``
 sharing the subject's colour–shape class are positives), ``:slip`` (CLIP +
 image–image InfoNCE between two augmented views), ``:filip`` (token-wise late
 interaction), ``:coca`` (CLIP + a captioning decoder over the image tokens,
-weights 1 and 2; evaluated also by its captions and by generative zero-shot), ``:albef`` (CLIP + image–text matching with hard negatives
-+ masked language modelling through a fusion encoder, weights 1, 1, 1).
+weights 1 and 2; evaluated also by its captions and by generative
+zero-shot), ``:albef`` (CLIP + image–text matching with hard negatives +
+masked language modelling through a fusion encoder, weights 1, 1, 1).
 CLIP + masked image modelling (``loss.kind="mae"``) needs a ViT:
 ``configs/vit.py:mae``.
 

@@ -27,7 +27,7 @@ import numpy as np
 from vlm_jax.data import scenes, tokenizers
 from vlm_jax.errors import ConfigError, require
 from vlm_jax.evaluators.base import Captioner, Evaluator, Metrics
-from vlm_jax.evaluators.zeroshot import ZeroShot, classification_metrics
+from vlm_jax.evaluators.zeroshot import ZeroShot
 
 
 def _require_captioner(evaluator: Evaluator) -> Captioner:
@@ -122,14 +122,6 @@ class GenerativeZeroShot(ZeroShot):
         captioner = _require_captioner(self)
         self._logprob = self.encoder.compile(captioner.caption_logprob)
 
-    def evaluate_split(self, params, split: str) -> Metrics:
-        data = self.data(split)
-        keep = data[self.entry.filter_key].astype(bool) if self.entry.filter_key else np.ones(len(data["image"]), bool)
-        if not keep.any():
-            return {}
-        logp = self.encoder.run(self._logprob, params, data["image"][keep], self.prompt_tokens)
-        scores = logp.reshape(len(logp), len(self.class_names), len(self.template_list)).mean(axis=2)
-        metrics, per_class = classification_metrics(scores, data[self.label_key][keep].astype(np.int32),
-                                                    self.class_names)
-        self.details[split] = {"per_class_top1": per_class}
-        return metrics
+    def class_scores(self, params, split: str, keep: np.ndarray) -> np.ndarray:
+        logp = self.encoder.run(self._logprob, params, self.data(split)["image"][keep], self.prompt_tokens)
+        return logp.reshape(len(logp), len(self.class_names), len(self.template_list)).mean(axis=2)

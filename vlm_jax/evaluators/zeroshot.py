@@ -137,15 +137,19 @@ class ZeroShot(Evaluator):
         prompts = [t.format(name) for name in names for t in self.template_list]
         self.prompt_tokens = tokenizers.tokenize(self.ctx.tokenizer, prompts, self.ctx.text_len)
 
+    def class_scores(self, params, split: str, keep: np.ndarray) -> np.ndarray:
+        """(kept examples, classes) scores: the embedder's similarity to the prompts."""
+        img = self.encode_images(params, split)
+        prompts = self.ctx.encoded(("prompts", self.name), lambda: self.encoder.texts(params, self.prompt_tokens))
+        kept = jax.tree_util.tree_map(lambda x: x[keep], img)
+        return self.ctx.embedder.class_scores(kept, prompts, len(self.class_names), len(self.template_list))
+
     def evaluate_split(self, params, split: str) -> Metrics:
         data = self.data(split)
         keep = data[self.entry.filter_key].astype(bool) if self.entry.filter_key else np.ones(len(data["image"]), bool)
         if not keep.any():
             return {}
-        img = self.encode_images(params, split)
-        prompts = self.ctx.encoded(("prompts", self.name), lambda: self.encoder.texts(params, self.prompt_tokens))
-        kept = jax.tree_util.tree_map(lambda x: x[keep], img)
-        scores = self.ctx.embedder.class_scores(kept, prompts, len(self.class_names), len(self.template_list))
+        scores = self.class_scores(params, split, keep)
         metrics, per_class = classification_metrics(scores, data[self.label_key][keep].astype(np.int32),
                                                     self.class_names)
         self.details[split] = {"per_class_top1": per_class}

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax import losses, parallel
+from vlm_jax import parallel
 from vlm_jax.data import pipeline
 from vlm_jax.errors import require
 from vlm_jax.losses import captioning, matching
@@ -154,10 +154,8 @@ class ALBEF(Contrastive):
     def combine(self, outputs, scalars, batch):
         log_t = scalars["log_t"]  # scalars also hold the fusion encoder and the ITM head
         zimg, ztxt = outputs["zimg"], outputs["ztxt"]
-        loss, metrics = 0.0, {"log_temp": log_t}
-        if self.loss.contrastive_weight:
-            clip = losses.softmax_loss(zimg, ztxt, log_t, **self.loss_kw)
-            loss, metrics["clip_loss"] = loss + self.loss.contrastive_weight * clip, clip
+        loss, clip_metrics = self.weighted_clip(outputs, log_t)
+        metrics = {"log_temp": log_t, **clip_metrics}
         if self.loss.itm_weight:
             shard = (lambda x: jax.lax.with_sharding_constraint(x, parallel.batch_sharding(self.mesh))) \
                 if self.mesh is not None else (lambda x: x)

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from vlm_jax import parallel
+from vlm_jax import losses, parallel
 from vlm_jax.data import pipeline
 from vlm_jax.evaluators.base import Embedder
 from vlm_jax.models import towers
@@ -104,6 +104,14 @@ class Contrastive(Objective):
         images = pipeline.normalize_images(batch["image"])
         return {"zimg": self.apply(params, images, method=towers.TwoTower.encode_image),
                 "ztxt": self.apply(params, batch["text"], method=towers.TwoTower.encode_text)}
+
+    def weighted_clip(self, outputs: Outputs, log_t: jax.Array) -> tuple[jax.Array, dict]:
+        """(``loss.contrastive_weight`` · L_CLIP, {"clip_loss": L_CLIP}) for
+        objectives that add terms to CLIP's; (0, {}) at weight 0, not computed."""
+        if not self.loss.contrastive_weight:
+            return jnp.float32(0.0), {}
+        clip = losses.softmax_loss(outputs["zimg"], outputs["ztxt"], log_t, **self.loss_kw)
+        return self.loss.contrastive_weight * clip, {"clip_loss": clip}
 
 
 def features_and_tokens(module: towers.TwoTower, images, tokens):

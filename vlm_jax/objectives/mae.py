@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax import losses, models
+from vlm_jax import models
 from vlm_jax.data import pipeline
 from vlm_jax.errors import require
 from vlm_jax.losses import reconstruction
@@ -112,10 +112,8 @@ class MAE(Contrastive):
 
     def combine(self, outputs, scalars, batch):
         log_t = scalars["log_t"]
-        loss, metrics = 0.0, {"log_temp": log_t}
-        if self.loss.contrastive_weight:
-            clip = losses.softmax_loss(outputs["zimg"], outputs["ztxt"], log_t, **self.loss_kw)
-            loss, metrics["clip_loss"] = loss + self.loss.contrastive_weight * clip, clip
+        loss, clip_metrics = self.weighted_clip(outputs, log_t)
+        metrics = {"log_temp": log_t, **clip_metrics}
         if self.loss.mae_weight:
             mae = reconstruction.mae_loss(outputs["mae_mse"], outputs["mae_count"])
             loss, metrics["mae_loss"] = loss + self.loss.mae_weight * mae, mae
