@@ -18,6 +18,9 @@ stay uint8 until the device (``pipeline.normalize_images`` runs in the step).
   convention (the centred square of side = the shorter side, i.e. resize the
   shorter side then centre-crop). With ``area = ratio = (1, 1)`` the random
   window is the centred square too, so training and evaluation preprocess alike.
+* Boxes and masks follow a view (``train_view(..., geometry=True)`` or
+  ``eval_geometry``): ``view_boxes`` maps and clips boxes and says how much of
+  each stays visible, ``view_mask`` samples an id map at the view's pixels.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -185,14 +188,17 @@ def _rgb_image(img: Image.Image) -> Image.Image:
 
 
 def train_view(image, size: int, rng: np.random.Generator, area: Sequence[float],
-               ratio: Sequence[float], flip: bool, resample: str = "area") -> np.ndarray:
+               ratio: Sequence[float], flip: bool, resample: str = "area", geometry: bool = False):
     """The training crop of an array or encoded bytes: a random window resized
     to ``size``, flipped left–right with probability 1/2 when ``flip``.
 
     For a JPEG the window is drawn from the header's size before decoding,
     and the decoder then reduces by 1/2, 1/4 or 1/8 in the DCT (PIL's
     ``draft``) as far as the window keeps at least ``size`` pixels on each
-    side; a 640-pixel photo cropped to 224 decodes a quarter of the pixels."""
+    side; a 640-pixel photo cropped to 224 decodes a quarter of the pixels.
+
+    ``geometry``: also return ``View(window, flipped, (h, w))``, what boxes
+    and masks need to follow the image (``view_boxes``)."""
     encoded = isinstance(image, (bytes, bytearray, memoryview))
     if encoded:
         img = _lazy_open(bytes(image))
@@ -211,9 +217,53 @@ def train_view(image, size: int, rng: np.random.Generator, area: Sequence[float]
         out = crop_resize(rgb, window, size, resample, scale=(rgb.width / w, rgb.height / h))
     else:
         out = crop_resize(array_to_rgb(image), window, size, resample)
-    if flip and rng.random() < 0.5:
+    flipped = bool(flip and rng.random() < 0.5)
+    if flipped:
         out = np.ascontiguousarray(out[:, ::-1])
-    return out
+    return (out, View(window, flipped, (h, w))) if geometry else out
+
+
+class View(NamedTuple):
+    """Where a view came from: its window of the source image, whether it was
+    mirrored, and the source's (height, width)."""
+
+    window: Window
+    flipped: bool
+    source_hw: tuple[int, int]
+
+
+def eval_geometry(h: int, w: int) -> View:
+    """The evaluation crop's ``View`` of an h × w image."""
+    return View(centre_window(h, w), False, (h, w))
+
+
+def view_boxes(boxes: np.ndarray, view: View) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (n, 4) as (y_min, x_min, y_max, x_max) in [0, 1] of the source
+    image -> (the same boxes in [0, 1] of the view, clipped to it; the
+    fraction of each box's area inside the window)."""
+    top, left, ch, cw = view.window
+    h, w = view.source_hw
+    b = np.asarray(boxes, np.float64).reshape(-1, 4) * np.asarray([h, w, h, w], np.float64)
+    y0, x0, y1, x1 = (b[:, 0] - top) / ch, (b[:, 1] - left) / cw, (b[:, 2] - top) / ch, (b[:, 3] - left) / cw
+    area = np.maximum(y1 - y0, 0) * np.maximum(x1 - x0, 0)
+    y0, x0, y1, x1 = (np.clip(v, 0.0, 1.0) for v in (y0, x0, y1, x1))
+    inside = np.maximum(y1 - y0, 0) * np.maximum(x1 - x0, 0)
+    visible = np.where(area > 0, inside / np.where(area > 0, area, 1.0), 0.0)
+    if view.flipped:
+        x0, x1 = 1.0 - x1, 1.0 - x0
+    return np.stack([y0, x0, y1, x1], axis=1).astype(np.float32), visible.astype(np.float32)
+
+
+def view_mask(mask: np.ndarray, view: View, size: int) -> np.ndarray:
+    """An H×W integer map (class or instance ids) through the view: its
+    window resized to size × size by nearest neighbour, mirrored if the view is."""
+    top, left, ch, cw = view.window
+    a = np.asarray(mask)
+    a = a[..., 0] if a.ndim == 3 else a
+    rows = top + (np.arange(size) * ch + ch // 2) // size  # each output pixel's source pixel (its centre)
+    cols = left + (np.arange(size) * cw + cw // 2) // size
+    out = a[rows[:, None], cols[None, :]]
+    return np.ascontiguousarray(out[:, ::-1]) if view.flipped else out
 
 
 def eval_view(image: np.ndarray, size: int, resample: str = "area") -> np.ndarray:

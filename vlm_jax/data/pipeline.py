@@ -126,7 +126,50 @@ def _text(value) -> str:
 
 # Example fields an objective may ask for beyond "image" and "text": the
 # field's name -> the config.data field naming the dataset feature it reads.
-EXAMPLE_FIELDS = {"label": "label_key"}
+# "regions" reads the grounding features ``objects`` ({bbox, label}) and
+# ``phrases`` ({start, end, objects}: a character span of the caption and a
+# bit mask of the objects it names), as the embedded dataset has them.
+EXAMPLE_FIELDS = {"label": "label_key", "regions": ""}
+
+# Region and phrase keys (``regions``): a class label >= 0, or one of these.
+BACKGROUND = -1  # the background phrase (the last phrase slot)
+ABSENT = -2  # an empty slot, or a box mostly cropped away
+
+
+def regions(ex, caption: str, view: images.View, tok: tokenizers.Tokenizer, text_len: int,
+            data_cfg) -> dict[str, np.ndarray]:
+    """The grounding of one example in fixed shapes, in the view's frame:
+
+    * "boxes" (max_boxes, 4) float32: (y_min, x_min, y_max, x_max) in [0, 1];
+    * "box_labels" (max_boxes,) int32: each box's class, ABSENT where there is
+      no box or less than ``data.box_min_visible`` of it is in the view;
+    * "phrases" (max_phrases + 1, text_len) int32: the tokens of the caption's
+      phrases, then of ``data.background_phrase``;
+    * "phrase_labels" (max_phrases + 1,) int32: the class of the first object
+      each phrase names, BACKGROUND for the last, ABSENT for empty slots.
+
+    ``caption`` must be the caption the phrases' spans refer to."""
+    nb, npr = data_cfg.max_boxes, data_cfg.max_phrases
+    objects, phrases = ex["objects"], ex["phrases"]
+    labels = np.asarray(objects["label"], np.int32).reshape(-1)
+    if len(labels) > nb or len(phrases["start"]) > npr:
+        raise ValueError(f"config.data.max_boxes={nb} / max_phrases={npr}: an example has {len(labels)} objects "
+                         f"and {len(phrases['start'])} phrases; raise them")
+    boxes, visible = images.view_boxes(np.asarray(objects["bbox"], np.float32).reshape(-1, 4), view)
+    out_boxes = np.zeros((nb, 4), np.float32)
+    out_boxes[: len(boxes)] = boxes
+    box_labels = np.full((nb,), ABSENT, np.int32)
+    box_labels[: len(labels)] = np.where(visible >= data_cfg.box_min_visible, labels, ABSENT)
+    texts, phrase_labels = [], np.full((npr + 1,), ABSENT, np.int32)
+    for k, (start, end, named) in enumerate(zip(phrases["start"], phrases["end"], phrases["objects"])):
+        texts.append(caption[int(start):int(end)])
+        first = (int(named) & -int(named)).bit_length() - 1  # the lowest set bit
+        phrase_labels[k] = labels[first] if first >= 0 else ABSENT
+    phrase_labels[npr] = BACKGROUND
+    tokens = np.zeros((npr + 1, text_len), np.int32)
+    tokens[: len(texts)] = tokenizers.tokenize(tok, texts, text_len) if texts else tokens[:0]
+    tokens[npr] = tokenizers.tokenize(tok, [data_cfg.background_phrase], text_len)[0]
+    return {"boxes": out_boxes, "box_labels": box_labels, "phrases": tokens, "phrase_labels": phrase_labels}
 
 
 def _captions(value) -> list:
@@ -152,16 +195,25 @@ class _Preprocess(grain.transforms.RandomMap):
     def random_map(self, ex, rng: np.random.Generator):
         cfg = self._cfg
         captions = _captions(ex[cfg.text_key])
+        dense = "regions" in self._fields
         if self._train:
             image = images.train_view(ex[cfg.image_key], cfg.image_size, rng, cfg.crop_area, cfg.crop_ratio,
-                                      cfg.flip, cfg.resample)
+                                      cfg.flip, cfg.resample, geometry=dense)
             caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
         else:
-            image = images.eval_view(images.decode_rgb(ex[cfg.image_key]), cfg.image_size, cfg.resample)
+            decoded = images.decode_rgb(ex[cfg.image_key])
+            image = images.eval_view(decoded, cfg.image_size, cfg.resample)
+            if dense:
+                image = (image, images.eval_geometry(*decoded.shape[:2]))
             caption = captions[0]
+        if dense:
+            image, view = image
         out = {"image": image, "text": tokenizers.tokenize(self._tok, [_text(caption)], self._len)[0]}
         for field in self._fields:
-            out[field] = np.int32(ex[cfg[EXAMPLE_FIELDS[field]]])
+            if field == "regions":
+                out.update(regions(ex, _text(caption), view, self._tok, self._len, cfg))
+            else:
+                out[field] = np.int32(ex[cfg[EXAMPLE_FIELDS[field]]])
         return out
 
 
@@ -195,6 +247,8 @@ def train_dataset(ds: Dataset, data_cfg, text_len: int, global_batch: int, seed:
         raise ValueError(f"example fields {unknown} are unknown to the pipeline (known: {sorted(EXAMPLE_FIELDS)})")
     if "label" in fields and not ds.class_names:
         raise ValueError(f"config.data.label_key={data_cfg.label_key!r} names no class-label feature of the dataset")
+    if "regions" in fields:
+        check_grounding(ds, data_cfg)
     local_batch = global_batch // process_count
     # One global order for every process count: global batch g is rows
     # [g·B, (g+1)·B) of the shuffled stream and process p takes the p-th
@@ -218,6 +272,46 @@ def train_dataset(ds: Dataset, data_cfg, text_len: int, global_batch: int, seed:
         # order, and the iterator state (a checkpoint's data record) covers them.
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
     return batches
+
+
+def check_grounding(ds: Dataset, data_cfg) -> None:
+    """Raises a ValueError naming the dataset unless it has the grounding
+    features ``regions`` and ``load_dense`` read."""
+    missing = [k for k in ("objects", "phrases") if ds.features is None or k not in ds.features]
+    if missing:
+        raise ValueError(f"config.data.dataset={data_cfg.dataset!r} has no grounding features {missing} (boxes "
+                         f"with labels, phrase spans): region objectives need them, as vlm_shapes >= 2.0.0 has")
+
+
+def load_dense(ds: Dataset, data_cfg, split: str, max_examples: int, field: str = "config.evals") -> dict:
+    """Dense ground truth of the first ``max_examples`` of a split, in the
+    evaluation crop's frame (aligned with ``load_split``'s images):
+    "classes" (n, S, S) int32 per-pixel class (``BACKGROUND`` outside every
+    object; from the instance "mask" feature and the objects' labels),
+    "boxes" (n, max_boxes, 4) and "box_labels" (n, max_boxes) as ``regions``
+    gives them (ABSENT for empty slots)."""
+    check_grounding(ds, data_cfg)
+    if "mask" not in ds.features:
+        raise ValueError(f"{field}: dataset {data_cfg.dataset!r} has no instance 'mask' feature")
+    source = _split(ds, split, field)
+    n = min(len(source), max_examples)
+    size, nb = data_cfg.image_size, data_cfg.max_boxes
+    classes = np.zeros((n, size, size), np.int32)
+    boxes = np.zeros((n, nb, 4), np.float32)
+    box_labels = np.full((n, nb), ABSENT, np.int32)
+    for i in range(n):
+        ex = source[i]
+        mask = np.asarray(ex["mask"])
+        view = images.eval_geometry(*mask.shape[:2])
+        labels = np.asarray(ex["objects"]["label"], np.int32).reshape(-1)
+        if len(labels) > nb:
+            raise ValueError(f"config.data.max_boxes={nb}: example {i} of {split!r} has {len(labels)} objects")
+        lut = np.concatenate([[BACKGROUND], labels]).astype(np.int32)
+        classes[i] = lut[images.view_mask(mask, view, size)]
+        b, visible = images.view_boxes(np.asarray(ex["objects"]["bbox"], np.float32).reshape(-1, 4), view)
+        boxes[i, : len(b)] = b
+        box_labels[i, : len(labels)] = np.where(visible > 0, labels, ABSENT)
+    return {"classes": classes, "boxes": boxes, "box_labels": box_labels}
 
 
 def load_split(ds: Dataset, data_cfg, split: str, text_len: int, max_examples: int,

@@ -6,6 +6,13 @@ attributes (colour, shape, size), spatial relations and counts. Some
 colour–shape compositions are withheld from training: the ``test_unseen`` split
 is built around them, so zero-shot accuracy there measures composition, not
 memorisation.
+
+Dense annotations come with every scene, exact by construction: each object
+is drawn a second time, with the same primitive and coordinates, into an
+instance mask (pixel value = object index + 1, 0 = background; a later object
+covers an earlier one in both), its box is the tight box of its mask pixels,
+and the caption's noun phrases are character spans linked to the objects they
+name ("three red circles" to all three).
 """
 
 from __future__ import annotations
@@ -60,6 +67,23 @@ def composition_index(colour: str, shape: str) -> int:
 SEEN = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in WITHHELD]
 
 
+MAX_OBJECTS = 4  # a count scene's largest number
+MAX_PHRASES = 2  # a relation caption's two noun phrases
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneObject:
+    label: int  # composition index
+    box: tuple[float, float, float, float]  # (y_min, x_min, y_max, x_max) of its mask pixels, in [0, 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Phrase:
+    start: int  # character span [start, end) of the caption
+    end: int
+    objects: tuple[int, ...]  # indices into Scene.objects of what it names
+
+
 @dataclasses.dataclass(frozen=True)
 class Scene:
     image_png: bytes
@@ -67,6 +91,9 @@ class Scene:
     label: int  # composition index of the caption's subject
     single_class: bool  # True when every object has the subject's composition
     kind: str
+    mask_png: bytes = b""  # H×W uint8 instance mask (object index + 1; 0 = background), PNG
+    objects: tuple[SceneObject, ...] = ()
+    phrases: tuple[Phrase, ...] = ()
 
 
 def _plural(shape: str) -> str:
@@ -103,7 +130,16 @@ def make_scene(seed: int, split: str, index: int, image_size: int = 64) -> Scene
     S = image_size
     background = tuple(int(v) for v in rng.integers(0, 60, size=3))
     img = Image.new("RGB", (S, S), background)
+    mask = Image.new("L", (S, S), 0)
     draw = ImageDraw.Draw(img)
+    mask_draw = ImageDraw.Draw(mask)
+    drawn: list[tuple[str, str]] = []
+
+    def put(shape_: str, colour_: str, cx: float, cy: float, r: float) -> None:
+        """Draws one object into the image and, identically, into the mask."""
+        drawn.append((colour_, shape_))
+        _draw(draw, shape_, COLOURS[colour_], cx, cy, r)
+        _draw(mask_draw, shape_, len(drawn), cx, cy, r)
 
     subject_pool = [(c, s) for c, s in WITHHELD] if split == "test_unseen" else SEEN
     other_pool = SEEN
@@ -115,8 +151,9 @@ def make_scene(seed: int, split: str, index: int, image_size: int = 64) -> Scene
         size = SIZES[rng.integers(2)]
         r = large_r if size == "large" else small_r
         cx, cy = rng.uniform(r + 1, S - r - 1, size=2)
-        _draw(draw, shape, COLOURS[colour], cx, cy, r)
+        put(shape, colour, cx, cy, r)
         caption = f"a {size} {colour} {shape}"
+        spans = [(0, len(caption), (0,))]
         single = True
     elif kind == "count":
         n = int(rng.integers(2, 5))
@@ -127,8 +164,9 @@ def make_scene(seed: int, split: str, index: int, image_size: int = 64) -> Scene
             if all(np.hypot(*(c - o)) > 2.1 * r for o in centres):
                 centres.append(c)
         for cx, cy in centres:
-            _draw(draw, shape, COLOURS[colour], cx, cy, r)
+            put(shape, colour, cx, cy, r)
         caption = f"{COUNT_WORDS[n]} {colour} {_plural(shape)}"
+        spans = [(0, len(caption), tuple(range(n)))]
         single = True
     else:
         while True:
@@ -151,14 +189,35 @@ def make_scene(seed: int, split: str, index: int, image_size: int = 64) -> Scene
             p1, p2 = (first, across), (second, across2)
         else:
             p1, p2 = (across, first), (across2, second)
-        _draw(draw, shape, COLOURS[colour], *p1, r)
-        _draw(draw, shape2, COLOURS[colour2], *p2, r)
-        caption = f"a {colour} {shape} {relation} a {colour2} {shape2}"
+        put(shape, colour, *p1, r)
+        put(shape2, colour2, *p2, r)
+        first_np = f"a {colour} {shape}"
+        caption = f"{first_np} {relation} a {colour2} {shape2}"
+        second_at = len(first_np) + len(relation) + 2
+        spans = [(0, len(first_np), (0,)), (second_at, len(caption), (1,))]
         single = False
 
+    instances = np.asarray(mask)
+    objects = tuple(SceneObject(composition_index(c, s), _tight_box(instances == k + 1))
+                    for k, (c, s) in enumerate(drawn))
+    phrases = tuple(Phrase(a, b, objs) for a, b, objs in spans)
+    return Scene(_png(img), caption, composition_index(colour, shape), single, kind, _png(mask), objects, phrases)
+
+
+def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    return Scene(buf.getvalue(), caption, composition_index(colour, shape), single, kind)
+    return buf.getvalue()
+
+
+def _tight_box(pixels: np.ndarray) -> tuple[float, float, float, float]:
+    """(y_min, x_min, y_max, x_max) in [0, 1] of the pixels set in an H×W
+    boolean array: pixel edges, so a box covers whole pixels (max exclusive)."""
+    rows, cols = np.flatnonzero(pixels.any(axis=1)), np.flatnonzero(pixels.any(axis=0))
+    if not len(rows):
+        return (0.0, 0.0, 0.0, 0.0)  # drawn but entirely covered by a later object
+    h, w = pixels.shape
+    return (float(rows[0] / h), float(cols[0] / w), float((rows[-1] + 1) / h), float((cols[-1] + 1) / w))
 
 
 def iter_scenes(seed: int, split: str, num: int, image_size: int = 64) -> Iterator[tuple[int, Scene]]:

@@ -29,8 +29,12 @@ class ShapesConfig(tfds.core.BuilderConfig):
 class VlmShapes(tfds.core.GeneratorBasedBuilder):
     """Coloured-shape scenes with captions; see ``vlm_jax.data.scenes``."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First release.",
+        "2.0.0": "Dense annotations: instance masks, object boxes and labels, caption phrase spans linked to "
+                 "objects. Images, captions and labels are those of 1.0.0, bit for bit.",
+    }
     BUILDER_CONFIGS = [
         ShapesConfig(name="default", description="30k train scenes", num_train=30_000, num_test=1_000),
         ShapesConfig(name="tiny", description="for tests", num_train=1_024, num_test=256),
@@ -46,6 +50,17 @@ class VlmShapes(tfds.core.GeneratorBasedBuilder):
                     "label": tfds.features.ClassLabel(names=scenes.composition_names()),
                     "single_class": tfds.features.Scalar(dtype=np.bool_),
                     "kind": tfds.features.ClassLabel(names=list(scenes.SCENE_KINDS)),
+                    # Instance ids: object index + 1, 0 = background.
+                    "mask": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), encoding_format="png"),
+                    "objects": tfds.features.Sequence({
+                        "bbox": tfds.features.BBoxFeature(),  # (y_min, x_min, y_max, x_max) in [0, 1]
+                        "label": tfds.features.ClassLabel(names=scenes.composition_names()),
+                    }),
+                    "phrases": tfds.features.Sequence({
+                        "start": tfds.features.Scalar(dtype=np.int32),  # character span of the caption
+                        "end": tfds.features.Scalar(dtype=np.int32),
+                        "objects": tfds.features.Scalar(dtype=np.int32),  # bit k set: names objects[k]
+                    }),
                 }
             ),
             supervised_keys=None,
@@ -66,6 +81,11 @@ class VlmShapes(tfds.core.GeneratorBasedBuilder):
                 "label": scene.label,
                 "single_class": scene.single_class,
                 "kind": scene.kind,
+                "mask": scene.mask_png,
+                "objects": {"bbox": np.asarray([o.box for o in scene.objects], np.float32).reshape(-1, 4),
+                            "label": [o.label for o in scene.objects]},
+                "phrases": {"start": [p.start for p in scene.phrases], "end": [p.end for p in scene.phrases],
+                            "objects": [sum(1 << k for k in p.objects) for p in scene.phrases]},
             }
 
 
