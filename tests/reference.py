@@ -188,3 +188,21 @@ def mae_loss_and_grads(pred, images, dropped, patch, eps=1e-6):
     count = m.sum()
     loss = (np.mean(diff ** 2, axis=-1) * m).sum() / count
     return loss, 2 * diff / diff.shape[-1] * m[..., None] / count
+
+
+def region_word_loss_and_grads(regions, rkeys, rw, phrases, pkeys, pw, log_t, bias):
+    """Keyed sigmoid over all B·R regions × B·P phrases, weighted, divided by Σ w_region (float64)."""
+    d = regions.shape[-1]
+    zr, zp = np.float64(regions).reshape(-1, d), np.float64(phrases).reshape(-1, d)
+    kr, kp = np.asarray(rkeys).reshape(-1), np.asarray(pkeys).reshape(-1)
+    wr, wp = np.float64(rw).reshape(-1), np.float64(pw).reshape(-1)
+    t = np.exp(np.float64(log_t))
+    s = zr @ zp.T
+    x = t * s + np.float64(bias)
+    sign = np.where(kr[:, None] == kp[None, :], 1.0, -1.0)
+    w = wr[:, None] * wp[None, :]
+    count = max(wr.sum(), 1.0)
+    loss = (w * np.logaddexp(0, -sign * x)).sum() / count
+    g = -w * sign / (1 + np.exp(sign * x)) / count
+    return loss, {"regions": (t * g @ zp).reshape(regions.shape), "phrases": (t * g.T @ zr).reshape(phrases.shape),
+                  "log_t": np.sum(g * t * s), "bias": g.sum()}

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlm_jax.losses.ring import axis_tuple, dot, dot_t, shift, tiles, varying
 
@@ -154,3 +155,131 @@ def _sigmoid_ring_bwd(axes, n, tile, res, ct):
 
 
 ring_loss.defvjp(_sigmoid_ring_fwd, _sigmoid_ring_bwd)
+
+
+# --------------------------------------------------------------------------- keyed: positives by key equality
+#
+# The region–word form of the same loss: rows (regions) and columns (phrases)
+# come with integer keys and 0/1 weights; ℓ_ij = +1 where the keys are equal,
+# −1 elsewhere, and every term is weighted by w_i·w_j. The sum is divided by
+# the global Σ_i w_i (the number of real rows). Rows and columns may differ in
+# number; the columns travel the ring with their keys and weights.
+
+
+def _keyed_terms(zi, ki, wi, zc, kc, wc, t, bias):
+    """(s = t·zi·zcᵀ, x = s + b, ℓ, w_i·w_j) of one block."""
+    s = t * dot_t(zi, zc)
+    sign = jnp.where(ki[:, None] == kc[None, :], 1.0, -1.0)
+    return s, s + bias, sign, wi[:, None] * wc[None, :]
+
+
+def keyed_dense_sum(zi, ki, wi, zc, kc, wc, log_t, bias):
+    """Σ_ij w_i w_j softplus(−ℓ_ij x_ij) over the arrays as given (autodiff)."""
+    _, x, sign, w = _keyed_terms(zi, ki, wi, zc, kc, wc, jnp.exp(log_t.astype(jnp.float32)),
+                                 bias.astype(jnp.float32))
+    return jnp.sum(w * jax.nn.softplus(-sign * x))
+
+
+def keyed_gathered_loss(zi, ki, wi, zc, kc, wc, log_t, bias, *, axis):
+    """All-gather the columns; this device's rows against all of them."""
+    axes = axis_tuple(axis)
+    gather = lambda x: jax.lax.all_gather(x, axes, axis=0, tiled=True)  # noqa: E731
+    local = keyed_dense_sum(zi, ki, wi, gather(zc), gather(kc), gather(wc), log_t, bias)
+    return jax.lax.psum(local, axes) / jnp.maximum(jax.lax.psum(jnp.sum(wi), axes), 1.0)
+
+
+def _keyed_block(rows, cols, t, bias, tiles_rc, axes, scale=None):
+    """Forward (scale=None): Σ w·softplus(−ℓ·x) over the block of ``rows`` =
+    (z, k, w) against ``cols``, in (tr × tc) pieces. Backward: with
+    G = scale·w·(−ℓ·σ(−ℓ·x)), returns (t·G·zc, t·Gᵀ·zi, Σ G∘s, Σ G)."""
+    (zi, ki, wi), (zc, kc, wc) = rows, cols
+    tr, tc = tiles_rc
+    m, d = zi.shape
+    col_xs = (tiles(zc, tc), tiles(kc, tc), tiles(wc, tc))
+
+    def row_tile(carry, xs):
+        zi_r, ki_r, wi_r = xs
+
+        def col_tile(inner, ys):
+            zc_c, kc_c, wc_c = ys
+            s, x, sign, w = _keyed_terms(zi_r, ki_r, wi_r, zc_c, kc_c, wc_c, t, bias)
+            if scale is None:
+                return inner + jnp.sum(w * jax.nn.softplus(-sign * x)), None
+            dzi_r, dlt, db = inner
+            g = -scale * w * sign * jax.nn.sigmoid(-sign * x)
+            new = (dzi_r + t * dot(g.astype(zc_c.dtype), zc_c), dlt + jnp.sum(g * s), db + jnp.sum(g))
+            return new, t * dot(g.T.astype(zi_r.dtype), zi_r)
+
+        if scale is None:
+            return jax.lax.scan(col_tile, carry, col_xs)[0], None
+        dzc, dlt, db = carry
+        zero = varying(jnp.zeros((tr, d), jnp.float32), axes)
+        (dzi_r, dlt, db), dzc_parts = jax.lax.scan(col_tile, (zero, dlt, db), col_xs)
+        return (dzc + dzc_parts.reshape(zc.shape), dlt, db), dzi_r
+
+    row_xs = (tiles(zi, tr), tiles(ki, tr), tiles(wi, tr))
+    zero_s = varying(jnp.zeros((), jnp.float32), axes)
+    if scale is None:
+        return jax.lax.scan(row_tile, zero_s, row_xs)[0]
+    zero_dz = varying(jnp.zeros(zc.shape, jnp.float32), axes)
+    (dzc, dlt, db), dzi = jax.lax.scan(row_tile, (zero_dz, zero_s, zero_s), row_xs)
+    return dzi.reshape(m, d), dzc, dlt, db
+
+
+def _keyed_count(wi, axes):
+    return jnp.maximum(jax.lax.psum(jnp.sum(wi.astype(jnp.float32)), axes), 1.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def keyed_ring_loss(zi, ki, wi, zc, kc, wc, log_t, bias, axes: Sequence[str], n: int, tiles_rc: tuple[int, int]):
+    """The global keyed loss; (zi, ki, wi) are this device's rows, the columns
+    (zc, kc, wc) travel the ring. Keys and weights get no gradient."""
+    return _keyed_ring_fwd(zi, ki, wi, zc, kc, wc, log_t, bias, axes, n, tiles_rc)[0]
+
+
+def _shift_all(xs, axes, n):
+    return tuple(shift(x, axes, n) for x in xs)
+
+
+def _keyed_ring_fwd(zi, ki, wi, zc, kc, wc, log_t, bias, axes, n, tiles_rc):
+    t = jnp.exp(log_t.astype(jnp.float32))
+    bias32 = bias.astype(jnp.float32)
+    rows = (zi, ki, wi)
+
+    def step(_, carry):
+        cols, total = carry
+        return _shift_all(cols, axes, n), total + _keyed_block(rows, cols, t, bias32, tiles_rc, axes)
+
+    cols, total = jax.lax.fori_loop(0, n - 1, step, ((zc, kc, wc), varying(jnp.zeros((), jnp.float32), axes)))
+    total = total + _keyed_block(rows, cols, t, bias32, tiles_rc, axes)
+    loss = jax.lax.psum(total, axes) / _keyed_count(wi, axes)
+    return loss, (zi, ki, wi, zc, kc, wc, log_t, bias)
+
+
+def _keyed_ring_bwd(axes, n, tiles_rc, res, ct):
+    zi, ki, wi, zc, kc, wc, log_t, bias = res
+    t = jnp.exp(log_t.astype(jnp.float32))
+    bias32 = bias.astype(jnp.float32)
+    scale = ct / _keyed_count(wi, axes)
+    rows = (zi, ki, wi)
+
+    def step(_, carry):
+        cols, dzc, dzi, dlt, db = carry
+        gi, gc, gl, gb = _keyed_block(rows, cols, t, bias32, tiles_rc, axes, scale)
+        return _shift_all(cols, axes, n), shift(dzc + gc, axes, n), dzi + gi, dlt + gl, db + gb
+
+    zero = varying(jnp.zeros((), jnp.float32), axes)
+    init = ((zc, kc, wc), varying(jnp.zeros(zc.shape, jnp.float32), axes),
+            varying(jnp.zeros(zi.shape, jnp.float32), axes), zero, zero)
+    cols, dzc, dzi, dlt, db = jax.lax.fori_loop(0, n - 1, step, init)
+    gi, gc, gl, gb = _keyed_block(rows, cols, t, bias32, tiles_rc, axes, scale)
+    none = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731  (integer keys: no cotangent)
+    return (
+        (dzi + gi).astype(zi.dtype), none(ki), jnp.zeros_like(wi),
+        shift(dzc + gc, axes, n).astype(zc.dtype), none(kc), jnp.zeros_like(wc),
+        jax.lax.psum(dlt + gl, axes).astype(log_t.dtype),
+        jax.lax.psum(db + gb, axes).astype(bias.dtype),
+    )
+
+
+keyed_ring_loss.defvjp(_keyed_ring_fwd, _keyed_ring_bwd)
