@@ -63,6 +63,8 @@ def tiny_overrides(data_dir: str, **extra) -> list[str]:
         "evals.linear_probe.splits": "()",
         "evals.fewshot.splits": "()",
         "evals.compositional.splits": "()",
+        "evals.segmentation.splits": "()",  # dense evaluators: tests/test_dense_eval.py
+        "evals.detection.splits": "()",
     }
     values.update(extra)
     return [f"--config.{k}={v}" for k, v in values.items()]

@@ -142,6 +142,9 @@ def base_config() -> ConfigDict:
                                       train_examples=5000)
     c.evals.fewshot = eval_entry("fewshot", splits=("test_seen",), filter_key="single_class", train_examples=5000)
     c.evals.compositional = eval_entry("compositional", splits=("test_seen", "test_unseen"))
+    # Dense zero-shot on the embedded data's masks and boxes (a dataset with grounding features).
+    c.evals.segmentation = eval_entry("segmentation", splits=("test_seen", "test_unseen"))
+    c.evals.detection = eval_entry("detection", splits=("test_seen", "test_unseen"))
     c.lock()
     c.evals.unlock()  # entries may be added; each entry stays locked (a misspelt field is an error)
     for e in c.evals.values():

@@ -18,6 +18,7 @@ from vlm_jax.data import pipeline
 from vlm_jax.errors import ConfigError
 from vlm_jax.evaluators.base import COMMON_FIELDS, Context, Embedder, Evaluator, Metrics, check_entry_fields
 from vlm_jax.evaluators.compositional import Compositional
+from vlm_jax.evaluators.dense import Detection, Segmentation
 from vlm_jax.evaluators.generative import Captioning, GenerativeZeroShot
 from vlm_jax.evaluators.probe import FewShot, LinearProbe
 from vlm_jax.evaluators.retrieval import Retrieval
@@ -31,6 +32,8 @@ EVALUATORS: dict[str, type[Evaluator]] = {
     "compositional": Compositional,
     "captioning": Captioning,
     "genzeroshot": GenerativeZeroShot,
+    "segmentation": Segmentation,
+    "detection": Detection,
 }
 
 

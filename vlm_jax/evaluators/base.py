@@ -87,6 +87,16 @@ class Embedder(abc.ABC):
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
+class DenseEmbedder(abc.ABC):
+    """What a model whose image tokens live in the text embedding space adds
+    to its embedder (dense zero-shot: segmentation, box classification)."""
+
+    @abc.abstractmethod
+    def patches(self, params, images: jax.Array) -> jax.Array:
+        """uint8 images (n, H, W, 3) -> (n, g², d) patch tokens in the space
+        of ``texts`` (row-major g × g grid; traced under jit)."""
+
+
 class Captioner(abc.ABC):
     """What a model with a caption decoder adds to its embedder (CoCa): it
     writes captions and scores given ones (both traced under jit)."""

@@ -520,6 +520,13 @@ class TwoTower(nn.Module):
         """Per-token image embeddings (B, n, embed_dim), each L2-normalised (FILIP)."""
         return l2_normalize(self.img_proj(self.image(images)[1]))
 
+    def encode_image_dense(self, images):
+        """(z^I (B, embed_dim) L2-normalised, patch tokens (B, n, embed_dim)
+        projected into the shared space, not normalised): dense objectives and
+        evaluations pool or score the tokens."""
+        pooled, tokens = self.image(images)
+        return l2_normalize(self.img_proj(pooled)), self.img_proj(tokens)
+
     def encode_text_tokens(self, tokens):
         """Per-token text embeddings (B, L, embed_dim), L2-normalised, and the
         float mask of real (non-padding) tokens (FILIP)."""

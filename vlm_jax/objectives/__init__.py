@@ -17,6 +17,7 @@ from vlm_jax.objectives.clip import CLIP
 from vlm_jax.objectives.coca import CoCa
 from vlm_jax.objectives.filip import FILIP
 from vlm_jax.objectives.mae import MAE
+from vlm_jax.objectives.region import RegionWord
 from vlm_jax.objectives.siglip import SigLIP
 from vlm_jax.objectives.slip import SLIP
 from vlm_jax.objectives.unicl import UniCL
@@ -30,6 +31,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "coca": CoCa,
     "albef": ALBEF,
     "mae": MAE,
+    "region": RegionWord,
 }
 
 

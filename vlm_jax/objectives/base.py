@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 
 from vlm_jax import losses, parallel
 from vlm_jax.data import pipeline
-from vlm_jax.evaluators.base import Embedder
+from vlm_jax.evaluators.base import DenseEmbedder, Embedder
 from vlm_jax.models import towers
 
 Batch = dict[str, jax.Array]
@@ -124,8 +124,9 @@ def features_and_tokens(module: towers.TwoTower, images, tokens):
     return zimg, ztxt, img_tokens, txt_tokens
 
 
-class PooledEmbedder(Embedder):
+class PooledEmbedder(Embedder, DenseEmbedder):
     """One L2-normalised embedding per image and per text; cosine similarity.
+    Dense evaluations score the image tower's projected patch tokens.
 
     Zero-shot: a class's prompt embeddings are averaged over the templates and
     re-normalised (CLIP's prompt ensembling), then compared by cosine."""
@@ -149,6 +150,10 @@ class PooledEmbedder(Embedder):
     def features(self, params, images):  # probes: the image tower's pooled output, before the projection
         return self.model.apply({"params": params}, pipeline.normalize_images(images),
                                 method=towers.TwoTower.image_features)[0]
+
+    def patches(self, params, images):
+        return self.model.apply({"params": params}, pipeline.normalize_images(images),
+                                method=towers.TwoTower.encode_image_dense)[1]
 
     def class_scores(self, img: np.ndarray, prompts: np.ndarray, num_classes: int, num_templates: int) -> np.ndarray:
         z = prompts.reshape(num_classes, num_templates, -1).mean(axis=1)
