@@ -8,7 +8,9 @@ image–image InfoNCE between two augmented views), ``:filip`` (token-wise late
 interaction), ``:coca`` (CLIP + a captioning decoder over the image tokens,
 weights 1 and 2; evaluated also by its captions and by generative
 zero-shot), ``:albef`` (CLIP + image–text matching with hard negatives +
-masked language modelling through a fusion encoder, weights 1, 1, 1).
+masked language modelling through a fusion encoder, weights 1, 1, 1),
+``:region`` (CLIP + region–word alignment: box-pooled patch tokens against
+the caption's noun phrases, sigmoid form, weights 1 and 1).
 CLIP + masked image modelling (``loss.kind="mae"``) needs a ViT:
 ``configs/vit.py:mae``.
 
@@ -32,7 +34,7 @@ def get_config(arg: str = "softmax"):
     if arg == "sigmoid":
         config.loss.log_t_init = math.log(10.0)
         config.loss.bias_init = -10.0
-    elif arg in ("softmax", "coca", "albef", "mae"):
+    elif arg in ("softmax", "coca", "albef", "mae", "region"):
         config.loss.log_t_init = math.log(30.0)
     if arg == "coca":  # the decoder's own evaluations: greedy captions, and classes by prompt likelihood
         config.evals.captioning = eval_entry("captioning", splits=("test_seen", "test_unseen"), group_key="kind")

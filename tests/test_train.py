@@ -45,7 +45,7 @@ def test_sigmoid_run_learns_and_logs_bias(data_dir, tmp_path):
 
 KINDS = {"softmax": "configs/default.py", "sigmoid": "configs/default.py:sigmoid", "unicl": "configs/default.py:unicl",
          "slip": "configs/default.py:slip", "filip": "configs/default.py:filip", "coca": "configs/default.py:coca",
-         "albef": "configs/default.py:albef", "mae": "configs/vit.py:mae"}
+         "albef": "configs/default.py:albef", "mae": "configs/vit.py:mae", "region": "configs/default.py:region"}
 # MAE drops patch tokens: a ViT without a stem only (a ResNet or a stem is refused, tests/test_mae.py).
 ONLY = {"mae": {"vit": {"model.image.stem": "()", "model.image.patch_size": 4}}}
 
@@ -84,6 +84,8 @@ def test_every_tower_objective_and_impl_trains(data_dir, tmp_path, tower, kind, 
         assert rows[-1]["train/mlm_loss"] < rows[0]["train/mlm_loss"] and "train/itm_loss" in rows[-1]
     if kind == "mae":
         assert rows[-1]["train/mae_loss"] < rows[0]["train/mae_loss"]
+    if kind == "region":
+        assert rows[-1]["train/region_loss"] < rows[0]["train/region_loss"]
 
 
 def test_evaluate_cli_reproduces_the_final_metrics(trained_softmax, data_dir, capsys):

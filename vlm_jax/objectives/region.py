@@ -74,8 +74,6 @@ class RegionWord(Contrastive):
         cover = regions_lib.box_weights(batch["boxes"], grid)  # (b, R, n)
         weights = jnp.concatenate([cover, regions_lib.background_weights(cover, present)[:, None]], axis=1)
         out["regions"] = towers.l2_normalize(regions_lib.pool(tokens, weights))
-        out["region_keys"] = jnp.concatenate(
-            [batch["box_labels"], jnp.full((b, 1), pipeline.BACKGROUND, jnp.int32)], axis=1)
         out["region_weights"] = jnp.concatenate(
             [present, jnp.sum(weights[:, -1], axis=-1, keepdims=True) > 0], axis=1).astype(jnp.float32)
         out["phrases"] = phrases
@@ -85,10 +83,11 @@ class RegionWord(Contrastive):
         loss, metrics = self.weighted_clip(outputs, scalars["log_t"])
         metrics["log_temp"] = scalars["log_t"]
         if self.loss.region_weight:
-            keys = batch["phrase_labels"]
+            boxes, phrases = batch["box_labels"], batch["phrase_labels"]  # keys: from the batch, not outputs
+            region_keys = jnp.concatenate([boxes, jnp.full((len(boxes), 1), pipeline.BACKGROUND, jnp.int32)], axis=1)
             region = losses.region_word_loss(
-                outputs["regions"], outputs["region_keys"], outputs["region_weights"],
-                outputs["phrases"], keys, (keys != pipeline.ABSENT).astype(jnp.float32),
+                outputs["regions"], region_keys, outputs["region_weights"],
+                outputs["phrases"], phrases, (phrases != pipeline.ABSENT).astype(jnp.float32),
                 scalars["region_log_t"], scalars["region_bias"], **self.loss_kw)
             loss = loss + self.loss.region_weight * region
             metrics.update(region_loss=region, region_log_temp=scalars["region_log_t"],
