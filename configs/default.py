@@ -10,7 +10,9 @@ weights 1 and 2; evaluated also by its captions and by generative
 zero-shot), ``:albef`` (CLIP + image–text matching with hard negatives +
 masked language modelling through a fusion encoder, weights 1, 1, 1),
 ``:region`` (CLIP + region–word alignment: box-pooled patch tokens against
-the caption's noun phrases, sigmoid form, weights 1 and 1).
+the caption's noun phrases, sigmoid form, weights 1 and 1), ``:clippo``
+(one tower: captions rendered as images go through the image tower; byte
+tokens, 48 characters).
 CLIP + masked image modelling (``loss.kind="mae"``) needs a ViT:
 ``configs/vit.py:mae``.
 
@@ -34,8 +36,12 @@ def get_config(arg: str = "softmax"):
     if arg == "sigmoid":
         config.loss.log_t_init = math.log(10.0)
         config.loss.bias_init = -10.0
-    elif arg in ("softmax", "coca", "albef", "mae", "region"):
+    elif arg in ("softmax", "coca", "albef", "mae", "region", "clippo"):
         config.loss.log_t_init = math.log(30.0)
+    if arg == "clippo":  # pages of the tower's input size, the caption's bytes in 10 x 8 px cells
+        config.data.tokenizer = "bytes"
+        config.model.text.max_len = 48
+        config.loss.render_size = config.data.get_ref("image_size")
     if arg == "coca":  # the decoder's own evaluations: greedy captions, and classes by prompt likelihood
         config.evals.captioning = eval_entry("captioning", splits=("test_seen", "test_unseen"), group_key="kind")
         config.evals.genzeroshot = eval_entry("genzeroshot", splits=("test_seen", "test_unseen"),

@@ -93,7 +93,8 @@ def make_init_params(config, model: towers.TwoTower, objective: objectives.Objec
         s = config.data.image_size
         images = jnp.zeros((1, s, s, 3), jnp.float32)
         tokens = jnp.zeros((1, config.model.text.max_len), jnp.int32)
-        params = dict(model.init(rng, images, tokens)["params"])
+        params = {k: v for k, v in model.init(rng, images, tokens)["params"].items()
+                  if k not in objective.unused_model_parts}
         parts = objective.init_parts(jax.random.fold_in(rng, 1))
         clash = sorted(set(params) & set(parts))
         if clash:

@@ -12,6 +12,8 @@ mesh. It declares
     such as a bias), as a dict of top-level subtrees;
   * ``scalar_names``: the parameters ``combine`` uses directly (temperature,
     bias): their gradient is taken once, from the full-batch loss;
+  * ``unused_model_parts``: top-level subtrees of the two-tower model it
+    never uses, not created (a one-tower objective drops the text tower);
 and gives
   * ``encode(params, batch) -> outputs``: per-example outputs (embeddings,
     tokens, views), with a leading batch axis;
@@ -58,6 +60,7 @@ class Objective(abc.ABC):
     example_fields: ClassVar[tuple[str, ...]] = ()
     augment: ClassVar[Callable[[dict, np.random.Generator], dict] | None] = None
     scalar_names: ClassVar[tuple[str, ...]] = ()
+    unused_model_parts: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def check(cls, config) -> None:
