@@ -12,7 +12,7 @@ masked language modelling through a fusion encoder, weights 1, 1, 1),
 ``:region`` (CLIP + region–word alignment: box-pooled patch tokens against
 the caption's noun phrases, sigmoid form, weights 1 and 1), ``:clippo``
 (one tower: captions rendered as images go through the image tower; byte
-tokens, 48 characters).
+tokens, 48 characters), ``:clippo_sigmoid`` (the same with SigLIP's loss).
 CLIP + masked image modelling (``loss.kind="mae"``) needs a ViT:
 ``configs/vit.py:mae``.
 
@@ -33,12 +33,12 @@ from vlm_jax.config import base_config, eval_entry
 def get_config(arg: str = "softmax"):
     config = base_config()
     config.loss.kind = arg
-    if arg == "sigmoid":
+    if arg in ("sigmoid", "clippo_sigmoid"):
         config.loss.log_t_init = math.log(10.0)
         config.loss.bias_init = -10.0
     elif arg in ("softmax", "coca", "albef", "mae", "region", "clippo"):
         config.loss.log_t_init = math.log(30.0)
-    if arg == "clippo":  # pages of the tower's input size, the caption's bytes in 10 x 8 px cells
+    if arg in ("clippo", "clippo_sigmoid"):  # pages of the tower's input size, the caption's bytes in 10 x 8 px cells
         config.data.tokenizer = "bytes"
         config.model.text.max_len = 48
         config.loss.render_size = config.data.get_ref("image_size")

@@ -46,12 +46,12 @@ def test_sigmoid_run_learns_and_logs_bias(data_dir, tmp_path):
 KINDS = {"softmax": "configs/default.py", "sigmoid": "configs/default.py:sigmoid", "unicl": "configs/default.py:unicl",
          "slip": "configs/default.py:slip", "filip": "configs/default.py:filip", "coca": "configs/default.py:coca",
          "albef": "configs/default.py:albef", "mae": "configs/vit.py:mae", "region": "configs/default.py:region",
-         "clippo": "configs/default.py:clippo"}
+         "clippo": "configs/default.py:clippo", "clippo_sigmoid": "configs/default.py:clippo_sigmoid"}
 # MAE drops patch tokens: a ViT without a stem only (a ResNet or a stem is refused, tests/test_mae.py).
 # CLIPPO renders byte tokens onto the tiny towers' 32 px pages: 5 × 4 cells of 8 × 6 px.
 _PAGES = {"data.tokenizer": "bytes", "model.text.max_len": 20, "loss.render_cell": "(8, 6)", "loss.render_font_size": 8}
 ONLY = {"mae": {"vit": {"model.image.stem": "()", "model.image.patch_size": 4}},
-        "clippo": {"vit": _PAGES, "resnet": _PAGES}}
+        "clippo": {"vit": _PAGES, "resnet": _PAGES}, "clippo_sigmoid": {"vit": _PAGES}}
 
 
 # Tiny image towers of each kind (the ViT's are conftest's defaults); a

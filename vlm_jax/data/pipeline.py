@@ -195,19 +195,17 @@ class _Preprocess(grain.transforms.RandomMap):
     def random_map(self, ex, rng: np.random.Generator):
         cfg = self._cfg
         captions = _captions(ex[cfg.text_key])
-        dense = "regions" in self._fields
+        dense = "regions" in self._fields  # boxes must follow the crop: keep its geometry
         if self._train:
             image = images.train_view(ex[cfg.image_key], cfg.image_size, rng, cfg.crop_area, cfg.crop_ratio,
                                       cfg.flip, cfg.resample, geometry=dense)
+            image, view = image if dense else (image, None)
             caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
         else:
             decoded = images.decode_rgb(ex[cfg.image_key])
             image = images.eval_view(decoded, cfg.image_size, cfg.resample)
-            if dense:
-                image = (image, images.eval_geometry(*decoded.shape[:2]))
+            view = images.eval_geometry(*decoded.shape[:2])
             caption = captions[0]
-        if dense:
-            image, view = image
         out = {"image": image, "text": tokenizers.tokenize(self._tok, [_text(caption)], self._len)[0]}
         for field in self._fields:
             if field == "regions":

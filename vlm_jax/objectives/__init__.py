@@ -14,7 +14,7 @@ import ml_collections
 from vlm_jax.objectives.albef import ALBEF
 from vlm_jax.objectives.base import Contrastive, Objective, PooledEmbedder
 from vlm_jax.objectives.clip import CLIP
-from vlm_jax.objectives.clippo import CLIPPO
+from vlm_jax.objectives.clippo import CLIPPO, SigCLIPPO
 from vlm_jax.objectives.coca import CoCa
 from vlm_jax.objectives.filip import FILIP
 from vlm_jax.objectives.mae import MAE
@@ -34,6 +34,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "mae": MAE,
     "region": RegionWord,
     "clippo": CLIPPO,
+    "clippo_sigmoid": SigCLIPPO,
 }
 
 

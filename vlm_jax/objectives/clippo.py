@@ -3,10 +3,13 @@
 The image tower and its projection encode both sides: a caption is rendered
 onto a white page of the image's size (``vlm_jax.models.render``: its byte
 tokens as glyphs of the font Pillow ships, on the device) and goes through
-the same tower as the photo. The loss is CLIP's softmax InfoNCE on the two
-embeddings (any ``loss.impl``). The text tower and text projection of the
+the same tower as the photo. The text tower and text projection of the
 two-tower model are not created (``unused_model_parts``), so the parameters
-are the image tower's, its projection and the temperature: a one-tower model.
+are the image tower's, its projection and the loss's scalars: a one-tower model.
+
+``OneTower`` is the framework, combined with a contrastive loss by
+inheritance: ``CLIPPO`` trains with CLIP's softmax InfoNCE (the paper's
+loss), ``SigCLIPPO`` with SigLIP's sigmoid loss; each takes any ``loss.impl``.
 
 Needs ``data.tokenizer = "bytes"`` (the renderer draws bytes) and
 ``model.text.max_len`` within the page (``loss.render_cell`` = (h, w) pixels
@@ -16,9 +19,8 @@ makes it a reference to that field). Zero-shot prompts and retrieval
 captions are rendered the same way (``RenderedEmbedder``).
 
 Memory and FLOPs: the image tower runs on 2B images per step instead of B
-images and B captions; the rendered pages are made on the device from the
-tokens (a gather from a VOCAB × h × w atlas), so the input pipeline moves
-tokens, not pages.
+images and B captions; the pages are made on the device from the tokens (a
+gather from a VOCAB × h × w atlas), so the input pipeline moves tokens, not pages.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ from typing import Any, ClassVar
 from vlm_jax.data import pipeline
 from vlm_jax.errors import require
 from vlm_jax.models import render, towers
-from vlm_jax.objectives.base import PooledEmbedder
+from vlm_jax.objectives.base import Contrastive, PooledEmbedder
 from vlm_jax.objectives.clip import CLIP
+from vlm_jax.objectives.siglip import SigLIP
 
 
-class CLIPPO(CLIP):
+class OneTower(Contrastive):
+    """The one-tower framework; a subclass adds the loss (``combine``)."""
+
     CONFIG: ClassVar[dict[str, Any]] = {"render_cell": (10, 8), "render_font_size": 9, "render_size": 0}
     unused_model_parts: ClassVar[tuple[str, ...]] = ("text", "txt_proj")
 
@@ -60,6 +65,16 @@ class CLIPPO(CLIP):
     def embedder(self) -> PooledEmbedder:
         return RenderedEmbedder(self.model, int(self.loss.render_size), tuple(self.loss.render_cell),
                                 int(self.loss.render_font_size))
+
+
+class CLIPPO(OneTower, CLIP):
+    """One tower, CLIP's softmax InfoNCE."""
+
+
+class SigCLIPPO(OneTower, SigLIP):
+    """One tower, SigLIP's sigmoid loss (its bias and ``bias_init``)."""
+
+    CONFIG: ClassVar[dict[str, Any]] = {**OneTower.CONFIG, **SigLIP.CONFIG}
 
 
 class RenderedEmbedder(PooledEmbedder):
