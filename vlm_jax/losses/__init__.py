@@ -1,13 +1,13 @@
 """Pure-function contrastive losses with negatives from every device.
 
 CLIP softmax, SigLIP sigmoid, UniCL, SLIP image–image InfoNCE, FILIP and the
-region–word sigmoid loss, each with impl in ``IMPLS``. Formulas, memory, communication and FLOPs are in each
-docstring and in docs/losses.md.
+region–word sigmoid loss, each with impl in ``IMPLS``. Formulas, memory,
+communication and FLOPs are in each docstring and in docs/losses.md.
 
 Modules, imports running downwards only: ``ring`` (the primitives: matmuls,
 the device ring, tiles, axis bookkeeping) ← the engines ``infonce`` (every
-softmax/InfoNCE objective) and ``sigmoid`` (SigLIP, and its keyed form for region–word) ← ``api`` (the one
-dispatch path and the losses) ← this package.
+softmax/InfoNCE objective) and ``sigmoid`` (SigLIP, and its keyed form for
+region–word) ← ``api`` (the one dispatch path and the losses) ← this package.
 """
 
 from vlm_jax.losses.api import (

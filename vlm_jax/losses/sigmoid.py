@@ -16,6 +16,11 @@ Within a device each (b × b) block is processed in (tile × tile) pieces with
 ``gathered_loss`` and ``ring_loss`` are per-device bodies meant to run inside
 ``shard_map`` over ``axes``; they return the global loss (already reduced over
 the ring).
+
+The keyed form (``keyed_*``, the body of ``region_word_loss``) is the same
+loss with positives where row and column keys are equal instead of on the
+diagonal, 0/1 weights per row and column, and rows and columns of different
+counts; with keys = global row numbers and unit weights it is SigLIP's.
 """
 
 from __future__ import annotations

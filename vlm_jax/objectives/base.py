@@ -4,7 +4,8 @@ An objective is one frozen object built from the config, the model and the
 mesh. It declares
   * ``CONFIG``: the fields it adds to ``config.loss``, with their defaults;
   * ``example_fields``: dataset features it needs besides the image and the
-    caption ("label" = ``config.data.label_key``);
+    caption ("label" = ``config.data.label_key``; "regions" = boxes and phrases,
+    ``pipeline.regions``);
   * ``augment``: an optional per-example function ``(example, rng) -> example``
     adding derived fields (augmented views, masks); the pipeline seeds ``rng``
     from (seed, example position), so resume and device count never change it;
