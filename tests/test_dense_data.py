@@ -140,3 +140,20 @@ def test_a_dataset_without_grounding_is_refused_by_name(data_dir):
     ds = pipeline.Dataset({}, None, None, {"image": None, "caption": None})
     with pytest.raises(ValueError, match="no grounding features"):
         pipeline.check_grounding(ds, c.data)
+
+
+def test_a_region_objective_on_data_without_grounding_fails_at_setup(data_dir, monkeypatch):
+    from conftest import load_tiny_config
+    from vlm_jax import session
+    from vlm_jax.errors import ConfigError
+
+    real = pipeline.open_dataset
+
+    def without_grounding(*args, **kwargs):
+        ds = real(*args, **kwargs)
+        ds.features = {k: v for k, v in ds.features.items() if k not in ("objects", "phrases")}
+        return ds
+
+    monkeypatch.setattr(pipeline, "open_dataset", without_grounding)
+    with pytest.raises(ConfigError, match="has no grounding features"):
+        session.setup(load_tiny_config(data_dir, "configs/default.py:region"))

@@ -136,6 +136,10 @@ def setup(config) -> Setup:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     objective = objectives.make(config, model, mesh)
+    try:
+        pipeline.check_fields(ds, config.data, objective.example_fields)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
     init_params = make_init_params(config, model, objective)
 

@@ -225,6 +225,19 @@ class _Augment(grain.transforms.RandomMap):
         return self._fn(ex, rng)
 
 
+def check_fields(ds: Dataset, data_cfg, fields: Sequence[str]) -> None:
+    """Raises a ValueError naming the config field unless the dataset has
+    what the example ``fields`` read (the session runs this before anything
+    is compiled; ``train_dataset`` again)."""
+    unknown = [f for f in fields if f not in EXAMPLE_FIELDS]
+    if unknown:
+        raise ValueError(f"example fields {unknown} are unknown to the pipeline (known: {sorted(EXAMPLE_FIELDS)})")
+    if "label" in fields and not ds.class_names:
+        raise ValueError(f"config.data.label_key={data_cfg.label_key!r} names no class-label feature of the dataset")
+    if "regions" in fields:
+        check_grounding(ds, data_cfg)
+
+
 def train_dataset(ds: Dataset, data_cfg, text_len: int, global_batch: int, seed: int,
                   process_index: int = 0, process_count: int = 1, *, fields: Sequence[str] = (),
                   augment: Callable[[dict, np.random.Generator], dict] | None = None) -> grain.IterDataset:
@@ -240,13 +253,7 @@ def train_dataset(ds: Dataset, data_cfg, text_len: int, global_batch: int, seed:
     source = _split(ds, data_cfg.train_split, "config.data.train_split")
     if len(source) < global_batch:
         raise ValueError(f"config.train.batch_size={global_batch}: the train split has only {len(source)} examples")
-    unknown = [f for f in fields if f not in EXAMPLE_FIELDS]
-    if unknown:
-        raise ValueError(f"example fields {unknown} are unknown to the pipeline (known: {sorted(EXAMPLE_FIELDS)})")
-    if "label" in fields and not ds.class_names:
-        raise ValueError(f"config.data.label_key={data_cfg.label_key!r} names no class-label feature of the dataset")
-    if "regions" in fields:
-        check_grounding(ds, data_cfg)
+    check_fields(ds, data_cfg, fields)
     local_batch = global_batch // process_count
     # One global order for every process count: global batch g is rows
     # [g·B, (g+1)·B) of the shuffled stream and process p takes the p-th
