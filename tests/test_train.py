@@ -51,7 +51,7 @@ KINDS = {"softmax": "configs/default.py", "sigmoid": "configs/default.py:sigmoid
 # CLIPPO renders byte tokens onto the tiny towers' 32 px pages: 5 × 4 cells of 8 × 6 px.
 _PAGES = {"data.tokenizer": "bytes", "model.text.max_len": 20, "loss.render_cell": "(8, 6)", "loss.render_font_size": 8}
 ONLY = {"mae": {"vit": {"model.image.stem": "()", "model.image.patch_size": 4}},
-        "clippo": {"vit": _PAGES, "resnet": _PAGES}, "clippo_sigmoid": {"vit": _PAGES}}
+        "clippo": {"vit": _PAGES, "resnet": _PAGES}, "clippo_sigmoid": {"vit": _PAGES, "resnet": _PAGES}}
 
 
 # Tiny image towers of each kind (the ViT's are conftest's defaults); a
