@@ -206,3 +206,22 @@ def region_word_loss_and_grads(regions, rkeys, rw, phrases, pkeys, pw, log_t, bi
     g = -w * sign / (1 + np.exp(sign * x)) / count
     return loss, {"regions": (t * g @ zp).reshape(regions.shape), "phrases": (t * g.T @ zr).reshape(phrases.shape),
                   "log_t": np.sum(g * t * s), "bias": g.sum()}
+
+
+def weighted_softmax_loss_and_grads(zi, zt, w, log_t):
+    """CLIP with pair weights: log Σ_j w_j exp(x_ij) − x_ii, terms weighted by w_i, over 2 Σ w (float64)."""
+    zi, zt, w = np.float64(zi), np.float64(zt), np.float64(w)
+    t = np.exp(np.float64(log_t))
+    s = zi @ zt.T
+    x = t * s
+    logw = np.log(np.where(w > 0, w, 1.0)) + np.where(w > 0, 0.0, -np.inf)
+    total = 2 * w.sum()
+    lse_r, lse_c = _lse(x + logw[None, :], 1), _lse(x + logw[:, None], 0)
+    keep = w > 0
+    diag = np.diagonal(x)
+    loss = (np.where(keep, w * (lse_r - diag), 0).sum() + np.where(keep, w * (lse_c - diag), 0).sum()) / total
+    p_r = np.exp(x + logw[None, :] - lse_r[:, None])  # rows: softmax over weighted columns
+    p_c = np.exp(x + logw[:, None] - lse_c[None, :])  # columns: softmax over weighted rows
+    eye = np.eye(len(w))
+    g = (np.where(keep[:, None], w[:, None] * (p_r - eye), 0) + np.where(keep[None, :], w[None, :] * (p_c - eye), 0)) / total
+    return loss, {"zimg": t * g @ zt, "ztxt": t * g.T @ zi, "log_t": np.sum(g * x)}

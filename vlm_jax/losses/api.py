@@ -106,17 +106,20 @@ def _infonce(sim: infonce.SimFn, *, both: bool, exclude: bool, engine_inputs: Ca
     """The (all_gather, ring/tiled) bodies of an InfoNCE objective on the engine.
 
     ``engine_inputs(*per-device inputs, axes)`` gives the engine's
-    (log_t, a, la, ia, c, lc, ic); the summed terms are divided by 2·B."""
+    (log_t, a, la, ia, c, lc, ic, wa, wc); the summed terms are divided by 2·B,
+    or by the sum of the terms' weights when wa, wc are not None."""
 
-    def spec(inputs, layout):
-        return infonce.InfoNCESpec(sim, both=both, exclude=exclude, denom=2 * inputs[0].shape[0] * layout.n)
+    def spec(inputs, layout, args):
+        return infonce.InfoNCESpec(sim, both=both, exclude=exclude, denom=2 * inputs[0].shape[0] * layout.n,
+                                   weighted=args[7] is not None)
 
     def gathered(*inputs, layout):
-        return infonce.gathered_loss(*engine_inputs(*inputs, layout.axes), spec(inputs, layout), layout.axes)
+        args = engine_inputs(*inputs, layout.axes)
+        return infonce.gathered_loss(*args, spec(inputs, layout, args), layout.axes)
 
     def ring(*inputs, layout):
         args = engine_inputs(*inputs, layout.axes)
-        return infonce.ring_loss(*args, spec(inputs, layout), layout.axes, layout.n, layout.tile)
+        return infonce.ring_loss(*args, spec(inputs, layout, args), layout.axes, layout.n, layout.tile)
 
     return gathered, ring
 
@@ -157,7 +160,16 @@ def filip_sim(log_t, img_tokens, txt):
 
 def _clip_inputs(zi, zt, log_t, axes):
     g = global_index(zi.shape[0], axes)  # image i and text i are the positive pair
-    return log_t, zi, g, g, zt, g, g
+    return log_t, zi, g, g, zt, g, g, None, None
+
+
+def _weighted_clip_inputs(zi, zt, w, log_t, axes):
+    g = global_index(zi.shape[0], axes)
+    return log_t, zi, g, g, zt, g, g, w, w  # pair i weighs its image's and its text's terms alike
+
+
+_WEIGHTED_SOFTMAX = _Loss("softmax_loss", "zimg and ztxt both of shape (B, d), weights (B,)", 3,
+                          *_infonce(dot_sim, both=True, exclude=False, engine_inputs=_weighted_clip_inputs))
 
 
 _SOFTMAX = _Loss(
@@ -169,7 +181,7 @@ _SOFTMAX = _Loss(
 
 
 def softmax_loss(zimg, ztxt, log_t, *, impl: str = "all_gather", mesh: Mesh | None = None,
-                 axis: Axis = "data", tile: int | None = None) -> jax.Array:
+                 axis: Axis = "data", tile: int | None = None, weights: jax.Array | None = None) -> jax.Array:
     r"""CLIP softmax InfoNCE over the global batch.
 
     L = ½ (L_{I→T} + L_{T→I}),
@@ -200,7 +212,18 @@ def softmax_loss(zimg, ztxt, log_t, *, impl: str = "all_gather", mesh: Mesh | No
       (default: the largest divisor of b up to 512).
     With ``mesh=None``: the dense formula, one B×B logit matrix ("ring" and
     "tiled" then run on a one-device mesh).
+
+    ``weights`` (B,), w ≥ 0 per pair (curation: down-weighting noisy pairs):
+      L_{I→T} = Σ_i w_i [log Σ_j w_j exp(t·z^I_i·z^T_j) − t·z^I_i·z^T_i] / Σ_i w_i,
+    L_{T→I} likewise, L = ½ (L_{I→T} + L_{T→I}). A weight of 0 removes the
+    pair exactly (neither anchor nor negative); unit weights give the loss
+    above. It runs on the InfoNCE engine (the same impls, memory and
+    communication as UniCL's, plus the weights: (N−1)·b floats more per pass).
     """
+    if weights is not None:
+        ok = _pair_2d(zimg, ztxt) and weights.shape == zimg.shape[:1]
+        w = jax.lax.stop_gradient(weights.astype(jnp.float32))
+        return _WEIGHTED_SOFTMAX((zimg, ztxt, w, log_t), ok, impl=impl, mesh=mesh, axis=axis, tile=tile)
     return _SOFTMAX((zimg, ztxt, log_t), _pair_2d(zimg, ztxt), impl=impl, mesh=mesh, axis=axis, tile=tile)
 
 
@@ -216,7 +239,7 @@ _SIGMOID = _Loss(
 
 
 def sigmoid_loss(zimg, ztxt, log_t, bias, *, impl: str = "all_gather", mesh: Mesh | None = None,
-                 axis: Axis = "data", tile: int | None = None) -> jax.Array:
+                 axis: Axis = "data", tile: int | None = None, weights: jax.Array | None = None) -> jax.Array:
     r"""SigLIP pairwise sigmoid loss over the global batch.
 
     L = −(1/B) Σ_{i=1..B} Σ_{j=1..B} log σ(ℓ_ij (t·z^I_i·z^T_j + b)),
@@ -238,7 +261,20 @@ def sigmoid_loss(zimg, ztxt, log_t, bias, *, impl: str = "all_gather", mesh: Mes
     impl="tiled": as "ring" with tile×tile pieces: O(b·d + tile²) memory.
     With ``mesh=None``: the dense formula, one B×B logit matrix ("ring" and
     "tiled" then run on a one-device mesh).
+
+    ``weights`` (B,), w ≥ 0 per pair:
+      L = −(1/Σ_i w_i) Σ_i Σ_j w_i w_j log σ(ℓ_ij (t·z^I_i·z^T_j + b)),
+    so a weight of 0 removes the pair exactly (as positive and as negative)
+    and unit weights give the loss above. It runs on the keyed form of the
+    engine (``region_word_loss`` with one slot per example keyed by its
+    global row): the same impls and memory, plus 2 ints and floats per row.
     """
+    if weights is not None:
+        ok = _pair_2d(zimg, ztxt) and weights.shape == zimg.shape[:1]
+        keys = jnp.arange(zimg.shape[0], dtype=jnp.int32)[:, None]
+        w = jax.lax.stop_gradient(weights.astype(jnp.float32))[:, None]
+        inputs = (zimg[:, None], keys, w, ztxt[:, None], keys, w, log_t, bias) if ok else (zimg, ztxt)
+        return _WEIGHTED_SIGMOID(inputs, ok, impl=impl, mesh=mesh, axis=axis, tile=tile)
     return _SIGMOID((zimg, ztxt, log_t, bias), _pair_2d(zimg, ztxt), impl=impl, mesh=mesh, axis=axis, tile=tile)
 
 
@@ -246,7 +282,7 @@ def sigmoid_loss(zimg, ztxt, log_t, bias, *, impl: str = "all_gather", mesh: Mes
 
 
 def _unicl_inputs(zi, zt, y, log_t, axes):
-    return log_t, zi, y, y, zt, y, y  # every pair sharing a label is a positive
+    return log_t, zi, y, y, zt, y, y, None, None  # every pair sharing a label is a positive
 
 
 _UNICL = _Loss("unicl_loss", "zimg and ztxt both of shape (B, d), labels (B,)", 3,
@@ -281,7 +317,7 @@ def _image_infonce_inputs(a1, a2, log_t, axes):
     u = jnp.concatenate([a1, a2])
     label = jnp.concatenate([g, g])  # the other view is the positive
     ident = jnp.concatenate([2 * g, 2 * g + 1])  # an anchor is never its own negative
-    return log_t, u, label, ident, u, label, ident
+    return log_t, u, label, ident, u, label, ident, None, None
 
 
 _IMAGE_INFONCE = _Loss("image_infonce_loss", "z1 and z2 both of shape (B, d)", 2,
@@ -313,7 +349,7 @@ def image_infonce_loss(z1, z2, log_t, *, impl: str = "all_gather", mesh: Mesh | 
 
 def _filip_inputs(zi, zt, m, log_t, axes):
     g = global_index(zi.shape[0], axes)
-    return log_t, zi, g, g, (zt, m), g, g
+    return log_t, zi, g, g, (zt, m), g, g, None, None
 
 
 _FILIP = _Loss("filip_loss", "img_tokens (B, n_I, d), txt_tokens (B, n_T, d), txt_mask (B, n_T) with the same B and d", 3,
@@ -382,6 +418,8 @@ _REGION_WORD = _Loss(
     ring=_region_ring,
     dense=_region_dense,
 )
+_WEIGHTED_SIGMOID = dataclasses.replace(_REGION_WORD, name="sigmoid_loss",
+                                        expected="zimg and ztxt both of shape (B, d), weights (B,)")
 
 
 def region_word_loss(regions, region_keys, region_weights, phrases, phrase_keys, phrase_weights, log_t, bias, *,
