@@ -21,7 +21,7 @@ from typing import Sequence
 
 import jax
 
-from vlm_jax import checkpoint, evaluators, session
+from vlm_jax import evaluators, session
 from vlm_jax.errors import ConfigError
 
 
@@ -32,20 +32,9 @@ def _flags(parser: argparse.ArgumentParser) -> None:
 def evaluate_checkpoint(config, workdir: str, step: int = -1) -> tuple[int, dict[str, float], dict]:
     """(step, metrics, details) of checkpoint ``step`` (-1: the latest) of ``workdir``."""
     run = session.setup(config)
-    mgr = checkpoint.manager(workdir, config.train.keep_checkpoints)
-    steps = mgr.all_steps()
-    if not steps:
-        raise ConfigError(f"--workdir {workdir} holds no checkpoint to evaluate")
-    step = max(steps) if step < 0 else step
-    if step not in steps:
-        raise ConfigError(f"--step {step}: {workdir} holds checkpoints {sorted(steps)}")
-    session.check_workdir(mgr, step, config, run.abstract, workdir)
     suite = evaluators.Suite(config, run.mesh, run.objective.embedder(), run.ds)
-    try:
-        state, _ = checkpoint.restore(mgr, step, session.with_shardings(run.abstract, run.state_sh))
-    except checkpoint.DamagedCheckpoint as e:
-        raise ConfigError(f"checkpoint step {step} in {workdir} is damaged: {e}; evaluate another --step") from e
-    metrics = suite.run(state["params"])
+    step, params = session.restore_params(config, run, workdir, step)
+    metrics = suite.run(params)
     return step, metrics, suite.details()
 
 

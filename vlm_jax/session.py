@@ -138,6 +138,8 @@ def setup(config) -> Setup:
     objective = objectives.make(config, model, mesh)
     try:
         pipeline.check_fields(ds, config.data, objective.example_fields)
+        if config.data.index_file and config.data.train_split in ds.sources:  # a curated index fails here too
+            pipeline.indexed_source(ds.sources[config.data.train_split], config.data, config.data.train_split)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
@@ -158,6 +160,24 @@ def setup(config) -> Setup:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return Setup(mesh, ds, model, objective, tx, schedule, init_state, abstract, state_sh)
+
+
+def restore_params(config, run: Setup, workdir: str, step: int = -1) -> tuple[int, Any]:
+    """(step, parameters) of checkpoint ``step`` (-1: the latest) of ``workdir``,
+    checked against ``config`` first; ConfigErrors name the workdir and step."""
+    mgr = checkpoint.manager(workdir, config.train.keep_checkpoints)
+    steps = mgr.all_steps()
+    if not steps:
+        raise ConfigError(f"--workdir {workdir} holds no checkpoint")
+    step = max(steps) if step < 0 else step
+    if step not in steps:
+        raise ConfigError(f"--step {step}: {workdir} holds checkpoints {sorted(steps)}")
+    check_workdir(mgr, step, config, run.abstract, workdir)
+    try:
+        state, _ = checkpoint.restore(mgr, step, with_shardings(run.abstract, run.state_sh))
+    except checkpoint.DamagedCheckpoint as e:
+        raise ConfigError(f"checkpoint step {step} in {workdir} is damaged: {e}; use another --step") from e
+    return step, state["params"]
 
 
 def with_shardings(abstract: State, shardings: State) -> State:

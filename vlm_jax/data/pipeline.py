@@ -172,6 +172,11 @@ def regions(ex, caption: str, view: images.View, tok: tokenizers.Tokenizer, text
     return {"boxes": out_boxes, "box_labels": box_labels, "phrases": tokens, "phrase_labels": phrase_labels}
 
 
+def first_caption(ex, data_cfg) -> str:
+    """An example's first caption, as text."""
+    return _text(_captions(ex[data_cfg.text_key])[0])
+
+
 def _captions(value) -> list:
     """A caption feature's value as a list: one Text, or a Sequence of them."""
     if isinstance(value, (bytes, str)):
@@ -225,6 +230,46 @@ class _Augment(grain.transforms.RandomMap):
         return self._fn(ex, rng)
 
 
+class IndexedSource:
+    """The examples of a source that a curated index keeps, in index order
+    (``python -m vlm_jax.curate``): random access like the source itself."""
+
+    def __init__(self, source, kept: Sequence[int]):
+        self._source, self._kept = source, np.asarray(kept, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __getitem__(self, i):
+        return self._source[int(self._kept[i])]
+
+
+def indexed_source(source, data_cfg, split: str):
+    """``source`` restricted to ``config.data.index_file``'s kept examples
+    (unchanged without one); the index must name this dataset and split."""
+    path = data_cfg.index_file
+    if not path:
+        return source
+    import json
+
+    try:
+        with open(os.path.expanduser(path)) as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"config.data.index_file: cannot read {path!r} ({e}); write it with python -m vlm_jax.curate")
+    if not isinstance(index, dict) or index.get("format") != "vlm_jax.curated_index/1":
+        raise ValueError(f"config.data.index_file: {path!r} is not a curated index (python -m vlm_jax.curate)")
+    want = (data_cfg.dataset, data_cfg.dataset_config, split, len(source))
+    got = (index["dataset"], index["dataset_config"], index["split"], index["num_examples"])
+    if want != got:
+        raise ValueError(f"config.data.index_file: {path!r} indexes {got[0]}/{got[1]} split {got[2]!r} of {got[3]} "
+                         f"examples, but training reads {want[0]}/{want[1]} split {want[2]!r} of {want[3]}")
+    kept = index["kept"]
+    if not kept or min(kept) < 0 or max(kept) >= len(source):
+        raise ValueError(f"config.data.index_file: {path!r} keeps no example, or ids outside the split")
+    return IndexedSource(source, kept)
+
+
 def check_fields(ds: Dataset, data_cfg, fields: Sequence[str]) -> None:
     """Raises a ValueError naming the config field unless the dataset has
     what the example ``fields`` read (the session runs this before anything
@@ -250,9 +295,11 @@ def train_dataset(ds: Dataset, data_cfg, text_len: int, global_batch: int, seed:
     so its choices too are reproduced exactly after a resume."""
     if global_batch % process_count:
         raise ValueError(f"config.train.batch_size={global_batch} is not divisible by {process_count} processes")
-    source = _split(ds, data_cfg.train_split, "config.data.train_split")
+    source = indexed_source(_split(ds, data_cfg.train_split, "config.data.train_split"), data_cfg,
+                            data_cfg.train_split)
     if len(source) < global_batch:
-        raise ValueError(f"config.train.batch_size={global_batch}: the train split has only {len(source)} examples")
+        raise ValueError(f"config.train.batch_size={global_batch}: the train split has only {len(source)} examples"
+                         + (" in config.data.index_file" if data_cfg.index_file else ""))
     check_fields(ds, data_cfg, fields)
     local_batch = global_batch // process_count
     # One global order for every process count: global batch g is rows
@@ -320,8 +367,8 @@ def load_dense(ds: Dataset, data_cfg, split: str, max_examples: int, field: str 
 
 
 def load_split(ds: Dataset, data_cfg, split: str, text_len: int, max_examples: int,
-               field: str = "config.evals") -> dict[str, np.ndarray]:
-    """The first ``max_examples`` of a split in memory: "image" (uint8,
+               field: str = "config.evals", start: int = 0) -> dict[str, np.ndarray]:
+    """The first ``max_examples`` of a split (from example ``start``) in memory: "image" (uint8,
     the evaluation crop), "text" (tokens of the first caption), "caption"
     (the first caption of each), every caption of every image ("captions_all"
     strings, "text_all" tokens, "caption_image" the index of each one's
@@ -329,9 +376,9 @@ def load_split(ds: Dataset, data_cfg, split: str, text_len: int, max_examples: i
     under its own name (labels, flags). ``field`` names the config field that
     chose the split, for the error."""
     source = _split(ds, split, field)
-    n = min(len(source), max_examples)
+    n = max(0, min(len(source) - start, max_examples))
     prep = _Preprocess(data_cfg, ds.tokenizer, text_len, train=False)
-    rows = [source[i] for i in range(n)]
+    rows = [source[start + i] for i in range(n)]
     processed = [prep.random_map(r, None) for r in rows]
     captions = [[_text(c) for c in _captions(r[data_cfg.text_key])] for r in rows]
     flat = [c for cs in captions for c in cs]

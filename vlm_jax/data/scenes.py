@@ -220,6 +220,21 @@ def _tight_box(pixels: np.ndarray) -> tuple[float, float, float, float]:
     return (float(rows[0] / h), float(cols[0] / w), float((rows[-1] + 1) / h), float((cols[-1] + 1) / w))
 
 
+def noisy_caption(seed: int, split: str, index: int, fraction: float, num: int) -> str | None:
+    """The caption that replaces scene ``index``'s in a noisy copy of
+    ``split`` (``num`` scenes), or None if it keeps its own: with probability
+    ``fraction`` the caption of another scene, drawn uniformly; a pure
+    function of (seed, split, index). A drawn caption equal to the scene's
+    own (the same words) keeps it: None."""
+    rng = np.random.default_rng([seed, 7, _SPLIT_IDS[split], index])
+    if fraction <= 0 or rng.random() >= fraction or num < 2:
+        return None
+    other = int(rng.integers(num - 1))
+    other += other >= index  # any scene but this one
+    caption = make_scene(seed, split, other, image_size=16).caption  # captions do not depend on the size
+    return None if caption == make_scene(seed, split, index, image_size=16).caption else caption
+
+
 def iter_scenes(seed: int, split: str, num: int, image_size: int = 64) -> Iterator[tuple[int, Scene]]:
     for i in range(num):
         yield i, make_scene(seed, split, i, image_size)

@@ -24,6 +24,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
     num_train: int = 0
     num_test: int = 0
     seed: int = 0
+    caption_noise: float = 0.0  # fraction of train captions swapped with another scene's (flagged "swapped")
 
 
 class VlmShapes(tfds.core.GeneratorBasedBuilder):
@@ -33,11 +34,16 @@ class VlmShapes(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {
         "1.0.0": "First release.",
         "2.0.0": "Dense annotations: instance masks, object boxes and labels, caption phrase spans linked to "
-                 "objects. Images, captions and labels are those of 1.0.0, bit for bit.",
+                 "objects; the 'swapped' flag and the noisy30 configs (30 % of train captions another scene's). "
+                 "Images, captions and labels of the clean configs are those of 1.0.0, bit for bit.",
     }
     BUILDER_CONFIGS = [
         ShapesConfig(name="default", description="30k train scenes", num_train=30_000, num_test=1_000),
         ShapesConfig(name="tiny", description="for tests", num_train=1_024, num_test=256),
+        # Noisy pairs for curation and robust objectives: test splits stay clean.
+        ShapesConfig(name="noisy30", description="30k train scenes, 30 % of their captions swapped",
+                     num_train=30_000, num_test=1_000, caption_noise=0.3),
+        ShapesConfig(name="tiny_noisy30", description="for tests", num_train=1_024, num_test=256, caption_noise=0.3),
     ]
     DEFAULT_CONFIG_NAME = "default"
 
@@ -50,6 +56,7 @@ class VlmShapes(tfds.core.GeneratorBasedBuilder):
                     "label": tfds.features.ClassLabel(names=scenes.composition_names()),
                     "single_class": tfds.features.Scalar(dtype=np.bool_),
                     "kind": tfds.features.ClassLabel(names=list(scenes.SCENE_KINDS)),
+                    "swapped": tfds.features.Scalar(dtype=np.bool_),  # the caption is another scene's
                     # Instance ids: object index + 1, 0 = background.
                     "mask": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), encoding_format="png"),
                     "objects": tfds.features.Sequence({
@@ -74,18 +81,22 @@ class VlmShapes(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(split, n) for split, n in sizes.items()}
 
     def _generate_examples(self, split: str, num: int):
-        for i, scene in scenes.iter_scenes(self.builder_config.seed, split, num, IMAGE_SIZE):
+        cfg = self.builder_config
+        for i, scene in scenes.iter_scenes(cfg.seed, split, num, IMAGE_SIZE):
+            noisy = scenes.noisy_caption(cfg.seed, split, i, cfg.caption_noise, num) if split == "train" else None
+            phrases = scene.phrases if noisy is None else ()  # spans of the scene's own caption
             yield i, {
                 "image": scene.image_png,
-                "caption": scene.caption,
+                "caption": scene.caption if noisy is None else noisy,
+                "swapped": noisy is not None,
                 "label": scene.label,
                 "single_class": scene.single_class,
                 "kind": scene.kind,
                 "mask": scene.mask_png,
                 "objects": {"bbox": np.asarray([o.box for o in scene.objects], np.float32).reshape(-1, 4),
                             "label": [o.label for o in scene.objects]},
-                "phrases": {"start": [p.start for p in scene.phrases], "end": [p.end for p in scene.phrases],
-                            "objects": [sum(1 << k for k in p.objects) for p in scene.phrases]},
+                "phrases": {"start": [p.start for p in phrases], "end": [p.end for p in phrases],
+                            "objects": [sum(1 << k for k in p.objects) for p in phrases]},
             }
 
 
