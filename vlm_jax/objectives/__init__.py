@@ -16,6 +16,7 @@ from vlm_jax.objectives.base import Contrastive, Objective, PooledEmbedder
 from vlm_jax.objectives.clip import CLIP
 from vlm_jax.objectives.clippo import CLIPPO, SigCLIPPO
 from vlm_jax.objectives.coca import CoCa
+from vlm_jax.objectives.distill import Distill
 from vlm_jax.objectives.filip import FILIP
 from vlm_jax.objectives.mae import MAE
 from vlm_jax.objectives.region import RegionWord
@@ -35,6 +36,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "region": RegionWord,
     "clippo": CLIPPO,
     "clippo_sigmoid": SigCLIPPO,
+    "distill": Distill,
 }
 
 
