@@ -256,7 +256,10 @@ def test_each_mistake_is_one_error_line_without_a_traceback(data_dir, tmp_path):
 def test_a_damaged_data_record_is_an_error_line_naming_the_dataset_and_the_fix(data_dir, tmp_path):
     bad = str(tmp_path / "tfds")
     shutil.copytree(data_dir, bad)
-    path = os.path.join(bad, "vlm_shapes", "tiny", "1.0.0", "vlm_shapes-train.array_record-00000-of-00001")
+    from vlm_jax.data import shapes_tfds
+
+    path = os.path.join(bad, "vlm_shapes", "tiny", str(shapes_tfds.VlmShapes.VERSION),
+                        "vlm_shapes-train.array_record-00000-of-00001")
     with open(path, "r+b") as f:
         f.seek(os.path.getsize(path) // 3)
         f.write(b"\xff" * (os.path.getsize(path) // 3))
