@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import math
 import os
 import re
@@ -207,6 +208,48 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     config = from_file(path, arg)
     apply_overrides(config, overrides)
     check_config(config)
+    return config
+
+
+def _as_tuples(value: Any) -> Any:
+    """JSON's lists back to the tuples the schema holds."""
+    if isinstance(value, list):
+        return tuple(_as_tuples(v) for v in value)
+    return value
+
+
+def _fill(node: ConfigDict, recorded: dict, prefix: str) -> None:
+    for key, value in recorded.items():
+        field = f"{prefix}.{key}" if prefix else key
+        if key not in node:
+            raise ConfigError(f"config.{field}: the run recorded this field, which this version of vlm_jax does "
+                              f"not have; evaluate it with the version that trained it")
+        if isinstance(node[key], ConfigDict):
+            _fill(node[key], value, field)
+        else:
+            node[key] = _as_tuples(value)
+
+
+def from_workdir(workdir: str) -> ConfigDict:
+    """The config a training run recorded in ``workdir/config.json``, on
+    this version's schema (fields added since keep their defaults),
+    unchecked: a config file can start from a finished run
+    (``configs/transfer.py``)."""
+    path = os.path.join(os.path.expanduser(workdir), "config.json")
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--config: cannot read {path} ({e}); name a training run's workdir") from None
+    config = base_config()
+    recorded = dict(recorded)
+    entries = recorded.pop("evals", {})
+    _fill(config, recorded, "")
+    for name in list(config.evals.keys()):
+        del config.evals[name]
+    for name, e in entries.items():
+        fields = {k: _as_tuples(v) for k, v in e.items() if k != "kind"}
+        config.evals[name] = eval_entry(e["kind"], **fields)
     return config
 
 

@@ -22,6 +22,7 @@ from vlm_jax.evaluators.dense import Detection, Segmentation
 from vlm_jax.evaluators.generative import Captioning, GenerativeZeroShot
 from vlm_jax.evaluators.probe import FewShot, LinearProbe
 from vlm_jax.evaluators.retrieval import Retrieval
+from vlm_jax.evaluators.transfer import VPT, ClipAdapter, CoOp, TipAdapter
 from vlm_jax.evaluators.zeroshot import ZeroShot
 
 EVALUATORS: dict[str, type[Evaluator]] = {
@@ -34,6 +35,10 @@ EVALUATORS: dict[str, type[Evaluator]] = {
     "genzeroshot": GenerativeZeroShot,
     "segmentation": Segmentation,
     "detection": Detection,
+    "tip_adapter": TipAdapter,
+    "clip_adapter": ClipAdapter,
+    "coop": CoOp,
+    "vpt": VPT,
 }
 
 

@@ -97,6 +97,38 @@ class DenseEmbedder(abc.ABC):
         of ``texts`` (row-major g × g grid; traced under jit)."""
 
 
+class TransferEmbedder(abc.ABC):
+    """What a model scored by the cosine of one L2-normalised embedding per
+    image and per text adds for transfer (adapters, prompt tuning): its
+    ``images`` are (n, d) embeddings, and a class is one (d,) embedding."""
+
+    # Widths of the learned prompt vectors the towers take, or None where a
+    # tower takes none (a ResNet takes no visual prompt tokens; a one-tower
+    # model's rendered texts take no text prompt).
+    text_prompt_width: int | None = None
+    image_prompt_width: int | None = None
+
+    @abc.abstractmethod
+    def class_embeddings(self, prompts: np.ndarray, num_classes: int, num_templates: int) -> np.ndarray:
+        """(num_classes, d) unit class embeddings from the (class, template)
+        prompt embeddings, class-major (the ones ``class_scores`` compares)."""
+
+    def token_vectors(self, params, tokens: jax.Array) -> jax.Array:
+        """(..., text width) input embeddings of token ids (prompt tuning's
+        initial context); traced under jit."""
+        raise NotImplementedError
+
+    def prompted_texts(self, params, tokens: jax.Array, where: jax.Array, vectors: jax.Array) -> jax.Array:
+        """(n, d) text embeddings with ``vectors`` (n, L, width) in place of the
+        token embeddings at ``where`` (n, L); traced under jit."""
+        raise NotImplementedError
+
+    def prompted_images(self, params, images: jax.Array, prompts: jax.Array) -> jax.Array:
+        """(n, d) embeddings of uint8 images with prompt tokens (P, width) in
+        the image tower; traced under jit."""
+        raise NotImplementedError
+
+
 class Captioner(abc.ABC):
     """What a model with a caption decoder adds to its embedder (CoCa): it
     writes captions and scores given ones (both traced under jit)."""

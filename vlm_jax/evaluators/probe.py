@@ -89,22 +89,80 @@ class Probe:
         return (x if standardised else self.standardise(x)) @ weights + bias
 
 
-class _ProbeEvaluator(Evaluator):
+def shot_rows(labels: np.ndarray, num_classes: int, k: int, seed: int) -> np.ndarray:
+    """Sorted rows of k examples per class (all of a class's if it has
+    fewer), drawn by (seed, k): the few-shot training set."""
+    rng = np.random.default_rng([seed, k])
+    members = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    return np.sort(np.concatenate([rng.permutation(m)[:k] for m in members if len(m)]))
+
+
+class LabelledSplits:
+    """Mixin for evaluators that fit on labelled training examples: the
+    first ``train_examples`` of ``train_split`` and the first ``max_examples``
+    of each evaluated split, with their ``label_key`` labels (only the
+    examples whose ``filter_key`` feature is true, if one is named)."""
+
+    TRAIN_FIELDS: ClassVar[dict[str, Any]] = {
+        "train_split": "train",
+        "train_examples": 10_000,  # the first N examples of train_split
+    }
+
+    @staticmethod
+    def check_train_fields(entry, field: str) -> None:
+        require(entry.train_examples > 1, f"{field}.train_examples", "must be at least 2")
+
+    def check_labelled(self) -> None:
+        """Every split read has the label (and filter) feature (setup time)."""
+        for split in (self.entry.train_split, *self.entry.splits):
+            data = self.labelled_split(split)
+            for key in filter(None, (self.label_key, self.entry.filter_key)):
+                if key not in data:
+                    raise ConfigError(f"config.{self.field}: split {split!r} has no feature {key!r}")
+
+    def split_size(self, split: str) -> int:
+        return self.entry.train_examples if split == self.entry.train_split else self.entry.max_examples
+
+    def labelled_split(self, split: str) -> dict[str, np.ndarray]:
+        return self.ctx.split(self.data_cfg, split, self.split_size(split), f"config.{self.field}.train_split")
+
+    def kept(self, split: str) -> np.ndarray:
+        """(n,) bool: the examples of ``split`` this evaluator uses."""
+        data = self.labelled_split(split)
+        return data[self.entry.filter_key].astype(bool) if self.entry.filter_key else np.ones(len(data["image"]), bool)
+
+    def labels(self, split: str) -> np.ndarray:
+        """(kept examples,) int32 labels of ``split``."""
+        return self.labelled_split(split)[self.label_key][self.kept(split)].astype(np.int32)
+
+    def labelled(self, params, split: str, kind: str = "features") -> tuple[np.ndarray, np.ndarray]:
+        """(representations, labels) of the kept examples; ``kind``
+        "features" (the probes' frozen features) or "images" (the embedder's
+        image representations), memoised within one suite pass."""
+        data = self.labelled_split(split)
+        n = self.split_size(split)
+        key = (kind, self.data_cfg.dataset, self.data_cfg.dataset_config, self.data_cfg.data_dir,
+               self.data_cfg.image_key, split, n, self.encoder.batch)
+        encode = self.encoder.features if kind == "features" else self.encoder.images
+        reps = self.ctx.encoded(key, lambda: encode(params, data["image"]))
+        return np.asarray(reps, np.float32)[self.kept(split)], self.labels(split)
+
+
+class _ProbeEvaluator(LabelledSplits, Evaluator):
     """What the linear probe and few-shot share: labelled features of the
     training split and of each evaluated split."""
 
     FIELDS: ClassVar[dict[str, Any]] = {
         "label_key": "",  # ClassLabel feature; "" = config.data.label_key
         "filter_key": "",  # bool feature selecting the examples; "" = all
-        "train_split": "train",
-        "train_examples": 10_000,  # the first N examples of train_split
+        **LabelledSplits.TRAIN_FIELDS,
         "steps": 100,  # L-BFGS iterations per fit
     }
 
     @classmethod
     def check(cls, entry, field: str) -> None:
         super().check(entry, field)
-        require(entry.train_examples > 1, f"{field}.train_examples", "must be at least 2")
+        cls.check_train_fields(entry, field)
         require(entry.steps > 0, f"{field}.steps", "must be positive")
 
     def setup(self) -> None:
@@ -114,24 +172,10 @@ class _ProbeEvaluator(Evaluator):
         if not self.class_names:
             raise ConfigError(f"config.{self.field}.label_key: dataset {self.data_cfg.dataset!r} has no class-label "
                               f"feature {self.label_key!r} (features: {sorted(ds.features)})")
-        for split in (self.entry.train_split, *self.entry.splits):
-            data = self._split(split)
-            for key in filter(None, (self.label_key, self.entry.filter_key)):
-                if key not in data:
-                    raise ConfigError(f"config.{self.field}: split {split!r} has no feature {key!r}")
-
-    def _split(self, split: str) -> dict[str, np.ndarray]:
-        n = self.entry.train_examples if split == self.entry.train_split else self.entry.max_examples
-        return self.ctx.split(self.data_cfg, split, n, f"config.{self.field}.train_split")
+        self.check_labelled()
 
     def labelled_features(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
-        data = self._split(split)
-        n = self.entry.train_examples if split == self.entry.train_split else self.entry.max_examples
-        key = ("features", self.data_cfg.dataset, self.data_cfg.dataset_config, self.data_cfg.data_dir,
-               self.data_cfg.image_key, split, n, self.encoder.batch)
-        feats = self.ctx.encoded(key, lambda: self.encoder.features(params, data["image"]))
-        keep = data[self.entry.filter_key].astype(bool) if self.entry.filter_key else np.ones(len(feats), bool)
-        return np.asarray(feats, np.float32)[keep], data[self.label_key][keep].astype(np.int32)
+        return self.labelled(params, split, "features")
 
 
 class LinearProbe(_ProbeEvaluator):
@@ -207,15 +251,11 @@ class FewShot(_ProbeEvaluator):
     def _fit(self, params) -> dict[int, tuple[Probe, list]]:
         x, y = self.labelled_features(params, self.entry.train_split)
         num_classes = len(self.class_names)
-        members = [np.flatnonzero(y == c) for c in range(num_classes)]
         pad_to = max(self.entry.shots) * num_classes
         probe = Probe(x, y, num_classes, self.entry.steps, pad_to=pad_to)
         fits = {}
         for k in sorted(self.entry.shots):
-            per_seed = []
-            for seed in range(self.entry.seeds):
-                rng = np.random.default_rng([seed, k])
-                rows = np.concatenate([rng.permutation(m)[:k] for m in members if len(m)])
-                per_seed.append(probe.fit(np.sort(rows), self.entry.fewshot_l2))
+            per_seed = [probe.fit(shot_rows(y, num_classes, k, seed), self.entry.fewshot_l2)
+                        for seed in range(self.entry.seeds)]
             fits[k] = (probe, per_seed)
         return fits

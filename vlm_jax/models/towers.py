@@ -300,11 +300,15 @@ class ViT(nn.Module):
         return flops + transformer_flops(c.width, c.depth, c.mlp_dim, patches + (c.pool == "cls")), c.width
 
     @nn.compact
-    def __call__(self, images, keep: jax.Array | None = None):
+    def __call__(self, images, keep: jax.Array | None = None, prompts: jax.Array | None = None):
         """(pooled, tokens) of ``images``. ``keep`` (B, k) int32: only these
         patch positions (row-major over the patch grid) enter the encoder,
         after their position embeddings are added (MAE's masking); the class
-        token, if any, always does. ``tokens`` are then the k kept patches'."""
+        token, if any, always does. ``tokens`` are then the k kept patches'.
+        ``prompts`` (P, width): visual prompt tokens (VPT-shallow, Jia et al.
+        2022) appended to every image's tokens after the position embeddings;
+        they take part in attention and are dropped before pooling, so
+        ``tokens`` and the pooled output cover the image's tokens only."""
         chex.assert_rank(images, 4)
         x = normalise_pixels(images, self.pixel_mean, self.pixel_std)
         for i, channels in enumerate(self.stem):
@@ -333,10 +337,14 @@ class ViT(nn.Module):
             chex.assert_rank(keep, 2)
             patches = jnp.take_along_axis(x[:, cls_token:], keep[..., None], axis=1)
             x = jnp.concatenate([x[:, :1], patches], axis=1) if cls_token else patches
+        n = x.shape[1]
+        if prompts is not None:
+            chex.assert_shape(prompts, (None, c))
+            x = jnp.concatenate([x, jnp.broadcast_to(prompts.astype(x.dtype), (b, *prompts.shape))], axis=1)
         if self.ln_pre:
             x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln_pre")(x)
         x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat, self.scan, self.act,
-                    self.norm_eps, name="encoder")(x)
+                    self.norm_eps, name="encoder")(x)[:, :n]
         if self.pool == "cls":
             return x[:, 0], x[:, 1:]
         if self.pool == "gap":
@@ -428,10 +436,11 @@ class TextTransformer(nn.Module):
     @nn.compact
     def __call__(self, tokens, replace: tuple[jax.Array, jax.Array] | None = None):
         """(pooled (B, width), per-token features (B, L, width)) of ``tokens``
-        (B, L), 0 = padding. ``replace = (where (B, L) bool, vector (width,))``
-        puts ``vector`` in place of the token embedding at ``where`` (a masked
-        language model's [MASK], owned by its objective; the ids there still
-        count as real tokens)."""
+        (B, L), 0 = padding. ``replace = (where (B, L) bool, vector)`` puts
+        ``vector`` in place of the token embedding at ``where``: one (width,)
+        vector (a masked language model's [MASK], owned by its objective) or
+        one per position, (B, L, width) (prompt tuning's learned context); the
+        ids there still count as real tokens."""
         chex.assert_rank(tokens, 2)
         b, length = tokens.shape
         if length > self.max_len:
@@ -441,7 +450,11 @@ class TextTransformer(nn.Module):
         x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name="embed")(ids)
         if replace is not None:
             where, vector = replace
-            chex.assert_shape((where, vector), ((b, length), (self.width,)))
+            chex.assert_shape(where, (b, length))
+            if vector.ndim != 1:
+                chex.assert_shape(vector, (b, length, self.width))
+            else:
+                chex.assert_shape(vector, (self.width,))
             x = jnp.where(where[..., None], vector.astype(x.dtype), x)
         pe = self.param("pos_embed", nn.initializers.normal(stddev=0.01), (1, self.max_len, self.width))
         if self.decode:  # the position comes from the cache; causality from the cached keys
@@ -515,6 +528,16 @@ class TwoTower(nn.Module):
 
     def encode_text(self, tokens):
         return l2_normalize(self.txt_proj(self.text(tokens)[0]))
+
+    def encode_image_prompted(self, images, prompts):
+        """z^I (B, embed_dim) with visual prompt tokens (P, image width) in
+        the image tower (ViT only; ``ViT.__call__``)."""
+        return l2_normalize(self.img_proj(self.image(images, prompts=prompts)[0]))
+
+    def encode_text_prompted(self, tokens, where, vectors):
+        """z^T (B, embed_dim) with ``vectors`` (B, L, text width) in place of
+        the token embeddings at ``where`` (B, L) (text prompt tuning)."""
+        return l2_normalize(self.txt_proj(self.text(tokens, replace=(where, vectors))[0]))
 
     def encode_image_tokens(self, images):
         """Per-token image embeddings (B, n, embed_dim), each L2-normalised (FILIP)."""

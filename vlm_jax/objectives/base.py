@@ -42,7 +42,7 @@ from jax.sharding import Mesh
 
 from vlm_jax import losses, parallel
 from vlm_jax.data import pipeline
-from vlm_jax.evaluators.base import DenseEmbedder, Embedder
+from vlm_jax.evaluators.base import DenseEmbedder, Embedder, TransferEmbedder
 from vlm_jax.models import towers
 
 Batch = dict[str, jax.Array]
@@ -128,15 +128,25 @@ def features_and_tokens(module: towers.TwoTower, images, tokens):
     return zimg, ztxt, img_tokens, txt_tokens
 
 
-class PooledEmbedder(Embedder, DenseEmbedder):
+class PooledEmbedder(Embedder, DenseEmbedder, TransferEmbedder):
     """One L2-normalised embedding per image and per text; cosine similarity.
     Dense evaluations score the image tower's projected patch tokens.
 
     Zero-shot: a class's prompt embeddings are averaged over the templates and
-    re-normalised (CLIP's prompt ensembling), then compared by cosine."""
+    re-normalised (CLIP's prompt ensembling), then compared by cosine.
+    Transfer: the text tower takes learned context vectors in place of token
+    embeddings; a ViT image tower takes visual prompt tokens."""
 
     def __init__(self, model: towers.TwoTower):
         self.model = model
+
+    @property
+    def text_prompt_width(self) -> int | None:
+        return self.model.text.width
+
+    @property
+    def image_prompt_width(self) -> int | None:
+        return self.model.image.width if isinstance(self.model.image, towers.ViT) else None
 
     def images(self, params, images):
         return self.model.apply({"params": params}, pipeline.normalize_images(images), method=towers.TwoTower.encode_image)
@@ -159,8 +169,23 @@ class PooledEmbedder(Embedder, DenseEmbedder):
         return self.model.apply({"params": params}, pipeline.normalize_images(images),
                                 method=towers.TwoTower.encode_image_dense)[1]
 
-    def class_scores(self, img: np.ndarray, prompts: np.ndarray, num_classes: int, num_templates: int) -> np.ndarray:
+    def class_embeddings(self, prompts: np.ndarray, num_classes: int, num_templates: int) -> np.ndarray:
         z = prompts.reshape(num_classes, num_templates, -1).mean(axis=1)
-        z = z / np.linalg.norm(z, axis=1, keepdims=True)
-        return img @ z.T
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+    def class_scores(self, img: np.ndarray, prompts: np.ndarray, num_classes: int, num_templates: int) -> np.ndarray:
+        return img @ self.class_embeddings(prompts, num_classes, num_templates).T
+
+    def token_vectors(self, params, tokens):
+        text = self.model.text
+        ids = jnp.where(tokens == 0, text.pad_id, tokens - text.token_offset)
+        return params["text"]["embed"]["embedding"][ids]
+
+    def prompted_texts(self, params, tokens, where, vectors):
+        return self.model.apply({"params": params}, tokens, where, vectors,
+                                method=towers.TwoTower.encode_text_prompted)
+
+    def prompted_images(self, params, images, prompts):
+        return self.model.apply({"params": params}, pipeline.normalize_images(images), prompts,
+                                method=towers.TwoTower.encode_image_prompted)
 

@@ -84,6 +84,8 @@ class RenderedEmbedder(PooledEmbedder):
         super().__init__(model)
         self.size, self.cell, self.font_size = size, cell, font_size
 
+    text_prompt_width = None  # a rendered text has no token embeddings to replace
+
     def texts(self, params, tokens):
         pages = render.render(tokens, self.size, self.cell, self.font_size)
         return self.images(params, pages)
