@@ -122,3 +122,81 @@ def test_a_wrong_index_is_refused_by_name(trained_softmax, noisy_dir, tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ConfigError, match="is not a curated index"):
         session.setup(load_tiny_config(noisy_dir, **{"data.index_file": str(tmp_path / "bad.json")}))
+
+
+def test_balancing_clusters_and_rank_weights_match_direct_computations():
+    groups = np.array([0, 0, 0, 0, 1, 1, 2, 0, 1])
+    scores = np.array([0.9, 0.1, 0.5, 0.7, 0.3, 0.8, 0.2, 0.6, 0.4])
+    kept = np.array([0, 1, 2, 3, 4, 5, 6, 8])  # 7 was dropped before balancing
+    ids, capped = curate.balance(groups, kept, scores, per_group=2, oversample=False)
+    np.testing.assert_array_equal(ids, [0, 3, 5, 6, 8])  # the best two of each group by score
+    np.testing.assert_array_equal(np.sort(capped), [1, 2, 4])
+    ids, _ = curate.balance(groups, kept, scores, per_group=3, oversample=True)
+    np.testing.assert_array_equal(ids, [0, 2, 3, 4, 5, 6, 6, 6, 8])  # group 2's one example, three times
+    np.testing.assert_allclose(curate.rank_weights(np.array([0.3, 0.1, 0.9, 0.3]), 0.2), [0.2 + 0.8 / 3, 0.2, 1.0,
+                                                                                            0.2 + 0.8 / 3])
+    rng = np.random.default_rng(0)
+    centres = np.eye(8)[:3]
+    truth = rng.integers(0, 3, 300)
+    emb = centres[truth] + 0.05 * rng.normal(size=(300, 8))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    found = curate.spherical_kmeans(emb, 3, seed=0)
+    assert len({(t, f) for t, f in zip(truth, found)}) == 3  # the same partition, up to the cluster names
+    np.testing.assert_array_equal(found, curate.spherical_kmeans(emb, 3, seed=0))
+
+
+def test_a_balanced_weighted_index_feeds_its_weights_to_the_loss(trained_softmax, noisy_dir, tmp_path):
+    from vlm_jax import metrics, train
+
+    index = _curate(trained_softmax, noisy_dir, tmp_path / "bal.json", "--balance", "label", "--per_group", "12",
+                    "--oversample", "--weight_floor", "0.25")
+    labels = np.asarray(index["groups"]["of_example"])
+    kept = np.asarray(index["kept"])
+    counts = np.bincount(labels[kept])
+    assert set(counts[counts > 0]) == {12} and index["dropped"]["group_cap"] > 0
+    scores = np.asarray(index["scores"])
+    for g in np.unique(labels[kept]):  # each class keeps its best-scoring examples
+        members = np.flatnonzero((labels == g) & (np.asarray(index["drop_reason"]) == ""))
+        capped = np.flatnonzero((labels == g) & (np.asarray(index["drop_reason"]) == "group_cap"))
+        if len(capped):
+            assert scores[members].min() >= scores[capped].max()
+    weights = np.asarray(index["weights"])
+    assert len(weights) == len(kept) and weights.min() == pytest.approx(0.25) and weights.max() == pytest.approx(1.0)
+
+    base = {"data.dataset_config": "tiny_noisy30", "data.index_file": str(tmp_path / "bal.json"),
+            "train.steps": 2, "train.eval_every": 0, "train.checkpoint_every": 2}
+    cfg = load_tiny_config(noisy_dir, **base, **{"data.index_weights": True})
+    run = session.setup(cfg)
+    c = cfg.data.copy_and_resolve_references()
+    with c.unlocked():
+        c.crop_area, c.image_size = (1.0, 1.0), 64
+    by_image = {images.decode_rgb(run.ds.sources["train"][int(i)]["image"]).tobytes(): w for i, w in zip(kept, weights)}
+    batch = next(iter(pipeline.train_dataset(run.ds, c, 16, 32, 0, fields=run.fields)))
+    np.testing.assert_array_equal(batch["weight"], [by_image[im.tobytes()] for im in batch["image"]])
+
+    # Unit weights train exactly as no weights; the index's weights change the loss.
+    unit = dict(index, weights=[1.0] * len(kept))
+    (tmp_path / "unit.json").write_text(json.dumps(unit))
+    losses = {}
+    for name, extra in (("plain", {}), ("unit", {"data.index_file": str(tmp_path / "unit.json"),
+                                                  "data.index_weights": True}),
+                        ("weighted", {"data.index_weights": True})):
+        train.train(load_tiny_config(noisy_dir, **{**base, **extra}), str(tmp_path / name))
+        losses[name] = [r["train/loss"] for r in metrics.read_metrics(str(tmp_path / name)) if "train/loss" in r]
+    np.testing.assert_allclose(losses["unit"], losses["plain"], rtol=1e-6)
+    assert losses["weighted"][0] != pytest.approx(losses["plain"][0], rel=1e-4)
+
+
+def test_pair_weights_are_refused_where_they_cannot_apply(trained_softmax, noisy_dir, tmp_path):
+    _curate(trained_softmax, noisy_dir, tmp_path / "plain.json")
+    over = {"data.dataset_config": "tiny_noisy30", "data.index_file": str(tmp_path / "plain.json"),
+            "data.index_weights": True}
+    with pytest.raises(ConfigError, match=r"config.data.index_weights: .* holds no pair weights; write them with "
+                                          r"python -m vlm_jax.curate --weight_floor"):
+        session.setup(load_tiny_config(noisy_dir, **over))
+    with pytest.raises(ConfigError, match=r"config.data.index_weights: objective 'unicl' does not weight its pairs"):
+        session.setup(load_tiny_config(noisy_dir, "configs/default.py:unicl", **over))
+    with pytest.raises(ConfigError, match=r"config.data.index_weights: per-pair weights come from a curated index"):
+        session.setup(load_tiny_config(noisy_dir, **{"data.index_weights": True}))
+    with pytest.raises(SystemExit, match=r"error: --balance label: the dataset has no class-label feature 'caption'"):
+        _curate(trained_softmax, noisy_dir, tmp_path / "x.json", "--balance", "label", "--config.data.label_key=caption")

@@ -43,8 +43,15 @@ def _evaluator(suite, name):
     return next(ev for ev in suite.evaluators if ev.name == name)
 
 
+def _tip_logits(f, keys, values, w, alpha, beta, leave_out=False):
+    affinity = np.exp(-beta * (1 - np.float64(f) @ np.float64(keys).T))
+    if leave_out:
+        affinity[np.arange(len(f)), np.arange(len(f))] = 0
+    return 100.0 * np.float64(f) @ np.float64(w).T + alpha * affinity @ values
+
+
 def test_tip_adapter_equals_its_formula_without_a_gradient_step(vit_suite, monkeypatch):
-    suite, params, metrics, _ = vit_suite
+    suite, params, metrics, details = vit_suite
     ev = _evaluator(suite, "tip")
     monkeypatch.setattr(transfer, "adam_fit", lambda *a, **k: pytest.fail("Tip-Adapter took a gradient step"))
     with suite.ctx.one_pass():
@@ -55,24 +62,31 @@ def test_tip_adapter_equals_its_formula_without_a_gradient_step(vit_suite, monke
     assert set(got) == {"2shot_top1", "4shot_top1"} and got == {k.split("/")[-1]: v for k, v in metrics.items()
                                                                  if k.startswith("tip_adapter/")}
     num_classes = w.shape[0]
+    chosen = details["tip_adapter/test_seen"]["alpha_beta"]
     for k in (2, 4):
         accs = []
         for seed in range(2):
             rows = shot_rows(y_train, num_classes, k, seed)
-            keys = np.float64(f_train[rows])
-            values = np.eye(num_classes)[y_train[rows]]
-            logits = 100.0 * np.float64(f) @ np.float64(w).T + 1.0 * np.exp(-5.5 * (1 - np.float64(f) @ keys.T)) @ values
+            keys, values = f_train[rows], np.eye(num_classes)[y_train[rows]]
+            # (alpha, beta): the first best of the grid by leave-one-out accuracy on the shots
+            loo = {(a, b): np.mean(np.argmax(_tip_logits(keys, keys, values, w, a, b, True), 1) == y_train[rows])
+                   for a in ev.entry.alpha_grid for b in ev.entry.beta_grid}
+            best = max(loo.values())
+            assert tuple(chosen[f"{k}shot"][seed]) == next(ab for ab, acc in loo.items() if acc == best)
+            logits = _tip_logits(f, keys, values, w, *chosen[f"{k}shot"][seed])
             accs.append(np.mean(np.argmax(logits, axis=1) == y))
         assert got[f"{k}shot_top1"] == pytest.approx(np.mean(accs), abs=1e-9)
     # every class has k shots drawn from the training examples of that class
     rows = shot_rows(y_train, num_classes, 4, 0)
-    assert np.all(np.bincount(y_train[rows], minlength=num_classes) == np.minimum(4, np.bincount(y_train, minlength=num_classes)))
+    counts = np.bincount(y_train, minlength=num_classes)
+    assert np.all(np.bincount(y_train[rows], minlength=num_classes) == np.minimum(4, counts))
 
 
 def test_tip_adapter_without_its_cache_is_zero_shot(data_dir):
     fields = {k: SHOTS[k] for k in ("splits", "max_examples", "batch_size", "templates")}
     suite, params = _suite(load_tiny_config(data_dir), zs=("zeroshot", fields),
-                           tip=("tip_adapter", dict(SHOTS, alpha=0.0, shots=(4,), seeds=1)))
+                           tip=("tip_adapter", dict(SHOTS, alpha_grid=(0.0,), beta_grid=(5.5,), shots=(4,),
+                                                                seeds=1)))
     m = suite.run(params)
     assert m["tip_adapter/test_seen/4shot_top1"] == m["zeroshot/test_seen/top1"]
 

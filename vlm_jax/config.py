@@ -50,6 +50,7 @@ def base_config() -> ConfigDict:
     c.data.data_dir = "./data"
     c.data.train_split = "train"
     c.data.index_file = ""  # a curated index of the train split (python -m vlm_jax.curate): train on its kept ids
+    c.data.index_weights = False  # weight each pair's loss by the index's weights (curate --weight_floor)
     c.data.image_key = "image"
     c.data.text_key = "caption"
     c.data.label_key = "label"  # ClassLabel feature (UniCL's labels; zero-shot's by default; "" for none)

@@ -72,7 +72,7 @@ def import_checkpoint(config, source: str, workdir: str, layout: str = "") -> di
         state["params"] = jax.tree_util.tree_map(jax.device_put, rules._unflat(flat), run.state_sh["params"])
         train_ds = pipeline.train_dataset(
             run.ds, config.data, config.model.text.max_len, config.train.batch_size, config.seed,
-            jax.process_index(), jax.process_count(), fields=run.objective.example_fields,
+            jax.process_index(), jax.process_count(), fields=run.fields,
             augment=run.objective.augment)
         mgr = checkpoint.manager(workdir, config.train.keep_checkpoints)
         checkpoint.save(mgr, 0, state, iter(train_ds).get_state(), checkpoint.compat_record(config, run.abstract["params"]))

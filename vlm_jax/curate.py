@@ -22,7 +22,18 @@ Then, in this order, an example is dropped with the first reason that holds:
   * ``near_duplicate``: its image embedding has cosine ≥ ``--dedup`` with a
     kept example's of higher score (0 = off);
   * ``low_clip_score``: below ``--min_score``, or outside the best
-    ``--keep_fraction`` of what is left.
+    ``--keep_fraction`` of what is left;
+  * ``group_cap``: with ``--balance label|cluster``, outside the best
+    ``--per_group`` of its class (``config.data.label_key``) or of its
+    k-means cluster of image embeddings (``--clusters``; spherical k-means,
+    seeded by ``config.seed``). With ``--oversample`` the ids of smaller
+    groups repeat, best first, up to ``--per_group``: each group then
+    contributes equally to every epoch.
+
+``--weight_floor F`` adds per-pair loss weights, one per kept id: the
+rank of its score among the kept examples mapped linearly to [F, 1] (the
+lowest kept score gets F, the highest 1); CLIP's and SigLIP's losses use
+them with ``--config.data.index_weights=True``.
 
 The index (JSON) names the dataset, split and checkpoint, and holds every
 example's score and drop reason and the kept ids; training reads it with
@@ -51,7 +62,7 @@ from vlm_jax.errors import ConfigError
 
 FORMAT = "vlm_jax.curated_index/1"
 REASONS = ("short_caption", "repetitive_caption", "small_image", "extreme_aspect", "near_duplicate",
-           "low_clip_score")
+           "low_clip_score", "group_cap")
 
 
 def _flags(p: argparse.ArgumentParser) -> None:
@@ -69,6 +80,17 @@ def _flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_aspect", type=float, default=0.0, help="max long/short side ratio (0 = off)")
     p.add_argument("--dedup", type=float, default=0.0, help="image-embedding cosine at which a pair is a near-duplicate (0 = off)")
     p.add_argument("--chunk", type=int, default=2048, help="examples scored between two saves")
+    p.add_argument("--balance", choices=("", "label", "cluster"), default="",
+                   help="balance the kept examples over config.data.label_key's classes or over k-means clusters "
+                        "of the image embeddings")
+    p.add_argument("--clusters", type=int, default=16, help="k of the k-means clusters (--balance cluster)")
+    p.add_argument("--per_group", type=int, default=0,
+                   help="keep at most this many of each group, the best by score (0 = the median group's size)")
+    p.add_argument("--oversample", action="store_true",
+                   help="repeat the examples of smaller groups (best first) up to --per_group")
+    p.add_argument("--weight_floor", type=float, default=None,
+                   help="write per-pair loss weights, the kept examples' score ranks mapped to [F, 1] (training "
+                        "reads them with --config.data.index_weights=True)")
 
 
 def auroc(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
@@ -169,6 +191,51 @@ def near_duplicates(emb: np.ndarray, order: np.ndarray, threshold: float, block:
     return dup
 
 
+def spherical_kmeans(emb: np.ndarray, k: int, seed: int, iterations: int = 20) -> np.ndarray:
+    """(n,) cluster ids of unit vectors: k-means++ seeding by ``seed``, then
+    ``iterations`` rounds of assigning by cosine and re-normalising the means."""
+    rng = np.random.default_rng(seed)
+    centres = [emb[int(rng.integers(len(emb)))]]
+    for _ in range(1, k):
+        dist = np.clip(1.0 - np.max(emb @ np.stack(centres).T, axis=1), 0.0, None)
+        total = dist.sum()
+        centres.append(emb[int(rng.choice(len(emb), p=dist / total))] if total > 0 else emb[int(rng.integers(len(emb)))])
+    c = np.stack(centres)
+    for _ in range(iterations):
+        assign = np.argmax(emb @ c.T, axis=1)
+        for j in range(k):
+            members = emb[assign == j]
+            if len(members):
+                m = members.sum(axis=0)
+                c[j] = m / max(np.linalg.norm(m), 1e-12)
+    return np.argmax(emb @ c.T, axis=1)
+
+
+def balance(groups: np.ndarray, kept: np.ndarray, scores: np.ndarray, per_group: int,
+            oversample: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(ids to train on, ids capped out): at most ``per_group`` of each
+    group's kept ids, the best by score; with ``oversample`` a smaller
+    group's ids repeat, best first, up to ``per_group``."""
+    out, capped = [], []
+    for g in np.unique(groups[kept]):
+        members = kept[groups[kept] == g]
+        members = members[np.argsort(-scores[members], kind="stable")]
+        capped.extend(members[per_group:].tolist())
+        take = members[:per_group]
+        if oversample and len(take) < per_group:
+            take = np.resize(take, per_group)  # cycles through the group, best first
+        out.extend(take.tolist())
+    return np.sort(np.asarray(out, np.int64)), np.asarray(capped, np.int64)
+
+
+def rank_weights(scores: np.ndarray, floor: float) -> np.ndarray:
+    """Score ranks mapped linearly to [floor, 1] (ties share the lower rank)."""
+    if len(scores) < 2:
+        return np.ones(len(scores), np.float32)
+    rank = np.searchsorted(np.sort(scores), scores, side="left")
+    return (floor + (1.0 - floor) * rank / (len(scores) - 1)).astype(np.float32)
+
+
 def curate(args: argparse.Namespace, config) -> dict[str, Any]:
     run = session.setup(config)
     data_cfg, data = config.data, run.ds
@@ -186,14 +253,27 @@ def curate(args: argparse.Namespace, config) -> dict[str, Any]:
         raise ConfigError(f"--split: {split!r} not in the dataset (splits: {sorted(data.sources)})")
     if not 0.0 < args.keep_fraction <= 1.0:
         raise ConfigError(f"--keep_fraction: must be in (0, 1], got {args.keep_fraction}")
+    if args.weight_floor is not None and not 0.0 <= args.weight_floor <= 1.0:
+        raise ConfigError(f"--weight_floor: must be in [0, 1], got {args.weight_floor}")
+    if args.balance == "label" and not data.class_names_of(data_cfg.label_key):
+        raise ConfigError(f"--balance label: the dataset has no class-label feature {data_cfg.label_key!r} "
+                          f"(config.data.label_key); use --balance cluster")
+    if args.balance == "cluster" and args.clusters < 2:
+        raise ConfigError(f"--clusters: must be at least 2, got {args.clusters}")
+    if args.per_group < 0:
+        raise ConfigError(f"--per_group: must be 0 (the median group's size) or positive, got {args.per_group}")
     step, params = session.restore_params(config, run, args.workdir, args.step)
-    state = score_split(run, config, data, data_cfg, params, split, args.chunk, args.out, args.dedup > 0)
+    need_emb = args.dedup > 0 or args.balance == "cluster"
+    state = score_split(run, config, data, data_cfg, params, split, args.chunk, args.out, need_emb)
     source = data.sources[split]
     n = len(source)
     reason = np.asarray([""] * n, dtype=object)
     swapped = np.zeros(n, bool) if "swapped" in data.features else None
+    labels = np.zeros(n, np.int64)
     for i in range(n):
         row = source[i]
+        if args.balance == "label":
+            labels[i] = int(row[data_cfg.label_key])
         caption = pipeline.first_caption(row, data_cfg)
         h, w = _image_size(row[data_cfg.image_key])
         if swapped is not None:
@@ -219,14 +299,27 @@ def curate(args: argparse.Namespace, config) -> dict[str, Any]:
         low = alive[int(round(args.keep_fraction * len(alive))):]
     reason[low] = "low_clip_score"
     kept = np.flatnonzero(reason == "")
+    groups = None
+    if args.balance and len(kept):
+        groups = labels if args.balance == "label" else spherical_kmeans(state["emb"], args.clusters, config.seed)
+        sizes = np.bincount(groups[kept])
+        per_group = args.per_group or int(np.median(sizes[sizes > 0]))
+        kept, capped = balance(groups, kept, scores, per_group, args.oversample)
+        reason[capped] = "group_cap"
     index = {
         "format": FORMAT, "dataset": data_cfg.dataset, "dataset_config": data_cfg.dataset_config,
         "split": split, "num_examples": n, "checkpoint": {"workdir": os.path.abspath(args.workdir), "step": step},
         "rules": {k: getattr(args, k) for k in ("keep_fraction", "min_score", "min_words", "max_repeat", "min_side",
-                                                "max_aspect", "dedup")},
+                                                "max_aspect", "dedup", "balance", "clusters", "per_group",
+                                                "oversample", "weight_floor")},
         "dropped": {r: int((reason == r).sum()) for r in REASONS},
         "kept": kept.tolist(), "scores": [float(s) for s in scores], "drop_reason": reason.tolist(),
     }
+    if groups is not None:
+        index["groups"] = {"of_example": groups.tolist(), "kept_per_group": np.bincount(
+            groups[kept], minlength=int(groups.max()) + 1).tolist()}
+    if args.weight_floor is not None:
+        index["weights"] = rank_weights(scores[kept], args.weight_floor).tolist()
     if swapped is not None:
         index["swapped"] = {"auroc_clean_over_swapped": auroc(scores[~swapped], scores[swapped]),
                             "kept_clean": float(np.mean(reason[~swapped] == "")) if (~swapped).any() else None,

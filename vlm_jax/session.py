@@ -115,6 +115,7 @@ class Setup:
     init_state: Callable[[jax.Array], State]
     abstract: State  # shapes and dtypes of the state
     state_sh: State  # its shardings
+    fields: tuple[str, ...] = ()  # the example fields the train stream carries (pipeline.EXAMPLE_FIELDS)
 
 
 def setup(config) -> Setup:
@@ -136,8 +137,12 @@ def setup(config) -> Setup:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     objective = objectives.make(config, model, mesh)
+    if config.data.index_weights and not objective.pair_weights:
+        raise ConfigError(f"config.data.index_weights: objective {config.loss.kind!r} does not weight its pairs; "
+                          f"CLIP's and SigLIP's losses do (loss.kind softmax, sigmoid, clippo, clippo_sigmoid)")
+    fields = tuple(objective.example_fields) + (("weight",) if config.data.index_weights else ())
     try:
-        pipeline.check_fields(ds, config.data, objective.example_fields)
+        pipeline.check_fields(ds, config.data, fields)
         if config.data.index_file and config.data.train_split in ds.sources:  # a curated index fails here too
             pipeline.indexed_source(ds.sources[config.data.train_split], config.data, config.data.train_split)
     except ValueError as e:
@@ -159,7 +164,7 @@ def setup(config) -> Setup:
         state_sh = parallel.shardings_from_rules(abstract, mesh, config.mesh.rules, config.mesh.fsdp_min_size)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    return Setup(mesh, ds, model, objective, tx, schedule, init_state, abstract, state_sh)
+    return Setup(mesh, ds, model, objective, tx, schedule, init_state, abstract, state_sh, fields)
 
 
 def restore_params(config, run: Setup, workdir: str, step: int = -1) -> tuple[int, Any]:

@@ -147,7 +147,7 @@ def _train(config, workdir, run, suite, signals, allow_config_change) -> dict[st
     train_ds = pipeline.train_dataset(
         run.ds, config.data, config.model.text.max_len, config.train.batch_size, config.seed,
         jax.process_index(), jax.process_count(),
-        fields=run.objective.example_fields, augment=run.objective.augment,
+        fields=run.fields, augment=run.objective.augment,
     )
     data_iter = iter(train_ds)
     config_dict = config.to_dict()

@@ -60,8 +60,8 @@ def synthetic_batch(config, run, batch: int, seed: int = 0) -> dict:
     tokens = rng.integers(3, run.ds.tokenizer.vocab_size, (batch, length)).astype(np.int32)
     tokens[:, -1] = run.ds.tokenizer.eos_id
     host = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8), "text": tokens}
-    for field in run.objective.example_fields:
-        host[field] = rng.integers(0, 10, batch).astype(np.int32)
+    for field in run.fields:
+        host[field] = rng.random(batch, dtype=np.float32) if field == "weight" else rng.integers(0, 10, batch).astype(np.int32)
     if run.objective.augment is not None:
         rows = [run.objective.augment({k: v[i] for k, v in host.items()}, rng) for i in range(batch)]
         host = {k: np.stack([r[k] for r in rows]) for k in rows[0]}

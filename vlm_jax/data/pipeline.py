@@ -129,7 +129,8 @@ def _text(value) -> str:
 # "regions" reads the grounding features ``objects`` ({bbox, label}) and
 # ``phrases`` ({start, end, objects}: a character span of the caption and a
 # bit mask of the objects it names), as the embedded dataset has them.
-EXAMPLE_FIELDS = {"label": "label_key", "regions": ""}
+EXAMPLE_FIELDS = {"label": "label_key", "regions": "", "weight": ""}
+PAIR_WEIGHT = "_pair_weight"  # what an IndexedSource with weights adds to each example
 
 # Region and phrase keys (``regions``): a class label >= 0, or one of these.
 BACKGROUND = -1  # the background phrase (the last phrase slot)
@@ -215,6 +216,8 @@ class _Preprocess(grain.transforms.RandomMap):
         for field in self._fields:
             if field == "regions":
                 out.update(regions(ex, _text(caption), view, self._tok, self._len, cfg))
+            elif field == "weight":  # the curated index's per-pair loss weight
+                out[field] = np.float32(ex[PAIR_WEIGHT])
             else:
                 out[field] = np.int32(ex[cfg[EXAMPLE_FIELDS[field]]])
         return out
@@ -232,16 +235,20 @@ class _Augment(grain.transforms.RandomMap):
 
 class IndexedSource:
     """The examples of a source that a curated index keeps, in index order
-    (``python -m vlm_jax.curate``): random access like the source itself."""
+    (``python -m vlm_jax.curate``; an id may repeat, as balanced sampling
+    writes it): random access like the source itself. With ``weights`` (one
+    per entry of ``kept``), each example carries its pair weight."""
 
-    def __init__(self, source, kept: Sequence[int]):
+    def __init__(self, source, kept: Sequence[int], weights: Sequence[float] | None = None):
         self._source, self._kept = source, np.asarray(kept, np.int64)
+        self._weights = None if weights is None else np.asarray(weights, np.float32)
 
     def __len__(self) -> int:
         return len(self._kept)
 
     def __getitem__(self, i):
-        return self._source[int(self._kept[i])]
+        ex = self._source[int(self._kept[i])]
+        return ex if self._weights is None else {**ex, PAIR_WEIGHT: self._weights[i]}
 
 
 def indexed_source(source, data_cfg, split: str):
@@ -267,7 +274,16 @@ def indexed_source(source, data_cfg, split: str):
     kept = index["kept"]
     if not kept or min(kept) < 0 or max(kept) >= len(source):
         raise ValueError(f"config.data.index_file: {path!r} keeps no example, or ids outside the split")
-    return IndexedSource(source, kept)
+    weights = None
+    if data_cfg.index_weights:
+        weights = index.get("weights")
+        if weights is None:
+            raise ValueError(f"config.data.index_weights: {path!r} holds no pair weights; write them with "
+                             f"python -m vlm_jax.curate --weight_floor F, or set index_weights=False")
+        if len(weights) != len(kept) or min(weights) < 0:
+            raise ValueError(f"config.data.index_file: {path!r} has {len(weights)} weights for {len(kept)} kept "
+                             f"ids, or a negative weight; write it again with python -m vlm_jax.curate")
+    return IndexedSource(source, kept, weights)
 
 
 def check_fields(ds: Dataset, data_cfg, fields: Sequence[str]) -> None:
@@ -281,6 +297,9 @@ def check_fields(ds: Dataset, data_cfg, fields: Sequence[str]) -> None:
         raise ValueError(f"config.data.label_key={data_cfg.label_key!r} names no class-label feature of the dataset")
     if "regions" in fields:
         check_grounding(ds, data_cfg)
+    if "weight" in fields and not (data_cfg.index_file and data_cfg.index_weights):
+        raise ValueError("config.data.index_weights: per-pair weights come from a curated index; set "
+                         "config.data.index_file (python -m vlm_jax.curate --weight_floor F) and index_weights=True")
 
 
 def train_dataset(ds: Dataset, data_cfg, text_len: int, global_batch: int, seed: int,

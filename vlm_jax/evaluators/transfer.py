@@ -12,7 +12,10 @@ cosine (100, CLIP's trained value, as the four papers use).
 * ``tip_adapter`` (Zhang et al. 2022, Tip-Adapter): training-free. The
   k-shot image embeddings are a cache's keys and their one-hot labels its
   values; logits = scale · f Wᵀ + alpha · exp(−beta (1 − f Kᵀ)) V, where W
-  holds the zero-shot class embeddings. No gradient step, no optimiser.
+  holds the zero-shot class embeddings. No gradient step, no optimiser;
+  (alpha, beta) come from ``alpha_grid`` × ``beta_grid`` by leave-one-out
+  accuracy on the shots (the paper searches a validation set, which a
+  k-shot protocol does not have).
 * ``clip_adapter`` (Gao et al. 2021, CLIP-Adapter): a residual two-layer
   MLP (d → d / ``reduction`` → d, ReLU after each, no biases) on the frozen
   image embedding, mixed as ratio · A(f) + (1 − ratio) · f and compared
@@ -131,11 +134,11 @@ class _Transfer(LabelledSplits, ZeroShot):
             accs = [float(np.mean(np.argmax(self.scores(params, s, split), axis=1) == y)) for s in states]
             out[f"{k}shot_top1"] = float(np.mean(accs))
             per_seed[f"{k}shot_top1"] = accs
-        self.details[split] = {"per_seed": per_seed, **({"train_loss": self.fit_log} if self.fit_log else {})}
+        self.details[split] = {"per_seed": per_seed, **({self.FIT_LOG: self.fit_log} if self.fit_log else {})}
         return out
 
     def _fit_all(self, params) -> dict[int, list[Any]]:
-        self.fit_log: dict[str, list[list[float]]] = {}  # "<k>shot" -> per seed, (first, last) training loss
+        self.fit_log: dict[str, list[list[float]]] = {}  # "<k>shot" -> per seed, what FIT_LOG names
         _, y = self.train_embeddings(params)
         if not len(y):
             raise ConfigError(f"config.{self.field}: no training examples in {self.entry.train_split!r}")
@@ -143,6 +146,7 @@ class _Transfer(LabelledSplits, ZeroShot):
                     for seed in range(self.entry.seeds)] for k in sorted(self.entry.shots)}
 
     fit_log: dict[str, list[list[float]]] = {}
+    FIT_LOG: ClassVar[str] = "train_loss"  # what fit_log holds per k and seed: (first, last) training loss
 
     def fit(self, params, rows: np.ndarray, k: int, seed: int) -> Any:
         raise NotImplementedError
@@ -152,25 +156,47 @@ class _Transfer(LabelledSplits, ZeroShot):
 
 
 class TipAdapter(_Transfer):
-    FIELDS: ClassVar[dict[str, Any]] = {**_Transfer.FIELDS, "alpha": 1.0, "beta": 5.5}
+    FIELDS: ClassVar[dict[str, Any]] = {**_Transfer.FIELDS, "alpha_grid": (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
+                                        "beta_grid": (1.0, 3.0, 5.5, 10.0, 30.0, 100.0)}
     namespace = "tip_adapter"
+    FIT_LOG = "alpha_beta"  # the chosen (alpha, beta) per k and seed
 
     @classmethod
     def check(cls, entry, field: str) -> None:
         super().check(entry, field)
-        require(entry.alpha >= 0, f"{field}.alpha", "must be >= 0")
-        require(entry.beta > 0, f"{field}.beta", "must be positive")
+        require(len(entry.alpha_grid) > 0 and all(a >= 0 for a in entry.alpha_grid), f"{field}.alpha_grid",
+                "must hold one or more values >= 0")
+        require(len(entry.beta_grid) > 0 and all(b > 0 for b in entry.beta_grid), f"{field}.beta_grid",
+                "must hold one or more positive values")
+
+    def logits(self, f: np.ndarray, keys: np.ndarray, values: np.ndarray, classes: np.ndarray, alpha: float,
+               beta: float, leave_out: bool = False) -> np.ndarray:
+        affinity = np.exp(-beta * (1.0 - f @ keys.T))
+        if leave_out:  # f are the keys themselves: each is classified by the others
+            np.fill_diagonal(affinity, 0.0)
+        return self.entry.logit_scale * f @ classes.T + alpha * affinity @ values
 
     def fit(self, params, rows, k, seed):
+        """The cache, and (alpha, beta) chosen from the grids by leave-one-out
+        top-1 on the shots themselves (ties: the earlier grid value); with
+        one-value grids, no choice is made."""
         x, y = self.train_embeddings(params)
-        return x[rows], np.eye(len(self.class_names), dtype=np.float32)[y[rows]]
+        keys, values = x[rows], np.eye(len(self.class_names), dtype=np.float32)[y[rows]]
+        classes = self.class_embeddings(params)
+        best, best_acc = None, -1.0
+        for alpha in self.entry.alpha_grid:
+            for beta in self.entry.beta_grid:
+                acc = np.mean(np.argmax(self.logits(keys, keys, values, classes, alpha, beta, leave_out=True),
+                                        axis=1) == y[rows])
+                if acc > best_acc:
+                    best, best_acc = (float(alpha), float(beta)), acc
+        self.fit_log.setdefault(f"{k}shot", []).append(list(best))
+        return keys, values, best
 
     def scores(self, params, state, split):
-        keys, values = state
+        keys, values, (alpha, beta) = state
         f, _ = self.eval_embeddings(params, split)
-        zero_shot = self.entry.logit_scale * f @ self.class_embeddings(params).T
-        cache = np.exp(-self.entry.beta * (1.0 - f @ keys.T)) @ values
-        return zero_shot + self.entry.alpha * cache
+        return self.logits(f, keys, values, self.class_embeddings(params), alpha, beta)
 
 
 class _Tuned(_Transfer):
@@ -207,7 +233,7 @@ class _Tuned(_Transfer):
 
 
 class ClipAdapter(_Tuned):
-    FIELDS: ClassVar[dict[str, Any]] = {**_Tuned.FIELDS, "reduction": 4, "ratio": 0.2}
+    FIELDS: ClassVar[dict[str, Any]] = {**_Tuned.FIELDS, "reduction": 4, "ratio": 0.2, "steps": 1000}
     namespace = "clip_adapter"
 
     @classmethod
@@ -241,7 +267,7 @@ class ClipAdapter(_Tuned):
 
 
 class CoOp(_Tuned):
-    FIELDS: ClassVar[dict[str, Any]] = {**_Tuned.FIELDS, "n_ctx": 0, "lr": 2e-3}
+    FIELDS: ClassVar[dict[str, Any]] = {**_Tuned.FIELDS, "n_ctx": 0}
     namespace = "coop"
 
     @classmethod
@@ -309,8 +335,7 @@ class CoOp(_Tuned):
 
 
 class VPT(_Tuned):
-    FIELDS: ClassVar[dict[str, Any]] = {**_Tuned.FIELDS, "num_prompts": 8, "lr": 1e-2, "train_batch": 64,
-                                        "steps": 100}
+    FIELDS: ClassVar[dict[str, Any]] = {**_Tuned.FIELDS, "num_prompts": 8, "train_batch": 64, "steps": 300}
     namespace = "vpt"
 
     @classmethod

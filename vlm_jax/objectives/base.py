@@ -15,6 +15,9 @@ mesh. It declares
     bias): their gradient is taken once, from the full-batch loss;
   * ``unused_model_parts``: top-level subtrees of the two-tower model it
     never uses, not created (a one-tower objective drops the text tower);
+  * ``pair_weights``: whether ``combine`` weights each pair's loss by the
+    batch's "weight" field (a curated index's weights, given with
+    ``config.data.index_weights``);
 and gives
   * ``encode(params, batch) -> outputs``: per-example outputs (embeddings,
     tokens, views), with a leading batch axis;
@@ -62,6 +65,7 @@ class Objective(abc.ABC):
     augment: ClassVar[Callable[[dict, np.random.Generator], dict] | None] = None
     scalar_names: ClassVar[tuple[str, ...]] = ()
     unused_model_parts: ClassVar[tuple[str, ...]] = ()
+    pair_weights: ClassVar[bool] = False
 
     @classmethod
     def check(cls, config) -> None:

@@ -12,7 +12,10 @@ from vlm_jax.objectives.base import Contrastive
 
 
 class CLIP(Contrastive):
+    pair_weights = True
+
     def combine(self, outputs, scalars, batch):
         log_t = scalars["log_t"]
-        loss = losses.softmax_loss(outputs["zimg"], outputs["ztxt"], log_t, **self.loss_kw)
+        loss = losses.softmax_loss(outputs["zimg"], outputs["ztxt"], log_t, weights=batch.get("weight"),
+                                   **self.loss_kw)
         return loss, {"log_temp": log_t}

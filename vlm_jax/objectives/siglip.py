@@ -19,11 +19,13 @@ from vlm_jax.objectives.base import Contrastive
 class SigLIP(Contrastive):
     CONFIG: ClassVar[dict[str, Any]] = {"bias_init": -10.0}
     scalar_names: ClassVar[tuple[str, ...]] = ("log_t", "bias")
+    pair_weights = True
 
     def init_parts(self, rng):
         return {**super().init_parts(rng), "bias": jnp.asarray(self.loss.bias_init, jnp.float32)}
 
     def combine(self, outputs, scalars, batch):
         log_t, bias = scalars["log_t"], scalars["bias"]
-        loss = losses.sigmoid_loss(outputs["zimg"], outputs["ztxt"], log_t, bias, **self.loss_kw)
+        loss = losses.sigmoid_loss(outputs["zimg"], outputs["ztxt"], log_t, bias, weights=batch.get("weight"),
+                                   **self.loss_kw)
         return loss, {"log_temp": log_t, "bias": bias}
