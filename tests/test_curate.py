@@ -186,6 +186,12 @@ def test_a_balanced_weighted_index_feeds_its_weights_to_the_loss(trained_softmax
     np.testing.assert_allclose(losses["unit"], losses["plain"], rtol=1e-6)
     assert losses["weighted"][0] != pytest.approx(losses["plain"][0], rel=1e-4)
 
+    # The index's content is part of the run: the same path with other content is refused on resume.
+    (tmp_path / "bal.json").write_text(json.dumps(dict(index, weights=[0.5] * len(kept))))
+    more = {**base, "data.index_weights": True, "train.steps": 4}
+    with pytest.raises(ConfigError, match=r"holds a run with another config \(config.inputs.index_file_sha256 was"):
+        train.train(load_tiny_config(noisy_dir, **more), str(tmp_path / "weighted"))
+
 
 def test_pair_weights_are_refused_where_they_cannot_apply(trained_softmax, noisy_dir, tmp_path):
     _curate(trained_softmax, noisy_dir, tmp_path / "plain.json")

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vlm_jax.checkpoint import flatten_config
-from vlm_jax.errors import ConfigError
+from vlm_jax.errors import ConfigError, cli_errors
 from vlm_jax.metrics import read_metrics
 
 DEFAULT_METRICS = (r"^train/loss$", r"/top1$", r"/i2t_r1$", r"^compositional/.*/mean$")
@@ -265,10 +265,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--lead", nargs="+", default=[], metavar="FIELD",
                    help="fields that name their axis when several vary together (e.g. train.batch_size)")
     args = p.parse_args(argv)
-    try:
+    with cli_errors():
         summarize(args.workdirs, args.out, args.metrics, plots=not args.no_plots, lead=args.lead)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
     with open(os.path.join(args.out, "summary.md")) as f:
         print(f.read())
 

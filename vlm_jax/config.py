@@ -243,7 +243,7 @@ def from_workdir(workdir: str) -> ConfigDict:
     except (OSError, ValueError) as e:
         raise ConfigError(f"--config: cannot read {path} ({e}); name a training run's workdir") from None
     config = base_config()
-    recorded = dict(recorded)
+    recorded = {k: v for k, v in recorded.items() if k != "inputs"}  # input digests (workdir.INPUTS), not fields
     entries = recorded.pop("evals", {})
     _fill(config, recorded, "")
     for name in list(config.evals.keys()):

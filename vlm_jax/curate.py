@@ -58,7 +58,7 @@ import numpy as np
 
 from vlm_jax import session
 from vlm_jax.data import pipeline
-from vlm_jax.errors import ConfigError
+from vlm_jax.errors import ConfigError, cli_errors
 
 FORMAT = "vlm_jax.curated_index/1"
 REASONS = ("short_caption", "repetitive_caption", "small_image", "extreme_aspect", "near_duplicate",
@@ -333,10 +333,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               extra=_flags)
     session.initialize_distributed(args)
     config = session.load_config_or_exit(args)
-    try:
+    with cli_errors():
         index = curate(args, config)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         tmp = args.out + ".tmp"

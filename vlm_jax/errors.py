@@ -6,12 +6,23 @@ the command-line entry points print it as a single ``error:`` line.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from typing import Iterable
+from typing import Iterable, Iterator
 
 
 class ConfigError(ValueError):
     """A mistake in the config or its inputs, named by its field."""
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """A command-line entry point's body: a ConfigError exits with its one
+    ``error:`` line, no traceback."""
+    try:
+        yield
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def first_line(e: BaseException) -> str:

@@ -22,7 +22,7 @@ from typing import Sequence
 import jax
 
 from vlm_jax import evaluators, session
-from vlm_jax.errors import ConfigError
+from vlm_jax.errors import cli_errors
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
@@ -43,10 +43,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                               extra=_flags)
     session.initialize_distributed(args)
     config = session.load_config_or_exit(args)
-    try:
+    with cli_errors():
         step, metrics, details = evaluate_checkpoint(config, args.workdir, args.step)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
     if jax.process_index() == 0:
         print(f"step {step}")
         for k in sorted(metrics):

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from vlm_jax import checkpoint, config as config_lib, models, objectives, optim, parallel, rules
 from vlm_jax.data import pipeline
-from vlm_jax.errors import ConfigError
+from vlm_jax.errors import ConfigError, cli_errors
 from vlm_jax.models import towers
 
 State = dict[str, Any]  # {"step", "params", "opt_state", "rng", "skipped"}: a plain pytree
@@ -69,10 +69,8 @@ def initialize_distributed(args: argparse.Namespace) -> None:
 
 
 def load_config_or_exit(args: argparse.Namespace) -> config_lib.ConfigDict:
-    try:
+    with cli_errors():
         return config_lib.load_config(args.config, args.overrides)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 # --------------------------------------------------------------------------- setup

@@ -39,7 +39,7 @@ from typing import Sequence
 
 from vlm_jax import compare
 from vlm_jax.config import load_config
-from vlm_jax.errors import ConfigError
+from vlm_jax.errors import ConfigError, cli_errors
 
 EXIT_PREEMPTED = 75  # vlm_jax.train's code for "stopped by a signal, saved"
 DONE = ".sweep_done"
@@ -200,10 +200,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
+    with cli_errors():
         code = run(args)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
     sys.exit(code)
 
 

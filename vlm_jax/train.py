@@ -29,7 +29,7 @@ from vlm_jax import checkpoint, config as config_lib, evaluators, metrics as met
 from vlm_jax import step as step_lib
 from vlm_jax import workdir as workdir_lib
 from vlm_jax.data import pipeline
-from vlm_jax.errors import ConfigError, first_line
+from vlm_jax.errors import ConfigError, cli_errors, first_line
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the same command again
@@ -151,6 +151,8 @@ def _train(config, workdir, run, suite, signals, allow_config_change) -> dict[st
     )
     data_iter = iter(train_ds)
     config_dict = config.to_dict()
+    if config.data.index_file:  # its path is in the config; a resume must also read the same content
+        config_dict[workdir_lib.INPUTS] = {"index_file_sha256": pipeline.file_digest(config.data.index_file)}
 
     # 3. resume from the newest intact checkpoint, or initialise (and load parts of another run: LiT)
     def compatible(saved_record, step):
@@ -250,9 +252,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     session.initialize_distributed(args)
     config = session.load_config_or_exit(args)
     try:
-        last = train(config, args.workdir, args.allow_config_change)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+        with cli_errors():
+            last = train(config, args.workdir, args.allow_config_change)
     except FloatingPointError as e:
         raise SystemExit(f"error: {e}") from None
     except OSError as e:  # disk full, permissions changed under the run, ...

@@ -12,7 +12,9 @@ holder named. Readers (``python -m vlm_jax.evaluate``) take no lock.
 resumed, unless the change is allowed explicitly; then every config that took
 effect is kept in WORKDIR/config_history.jsonl with the step it started at.
 Fields that only change bookkeeping (log/eval/checkpoint frequency, the
-evaluations, ``train.steps``, the input threads) may change freely.
+evaluations, ``train.steps``, the input threads) may change freely. The
+record's ``inputs`` section (``INPUTS``) holds digests of files the config
+names only by path (a curated index): their content is checked as a field.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 from vlm_jax.checkpoint import flatten_config
 from vlm_jax.errors import ConfigError
 
+INPUTS = "inputs"  # the recorded config's section of input-file digests, beside the config's own fields
 LOCK_NAME = ".lock"
 HISTORY_NAME = "config_history.jsonl"
 

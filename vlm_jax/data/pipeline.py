@@ -251,6 +251,17 @@ class IndexedSource:
         return ex if self._weights is None else {**ex, PAIR_WEIGHT: self._weights[i]}
 
 
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(os.path.expanduser(path), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def indexed_source(source, data_cfg, split: str):
     """``source`` restricted to ``config.data.index_file``'s kept examples
     (unchanged without one); the index must name this dataset and split."""

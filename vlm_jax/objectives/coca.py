@@ -30,7 +30,6 @@ from vlm_jax.errors import require
 from vlm_jax.losses import captioning
 from vlm_jax.models import decoder as decoder_lib
 from vlm_jax.models import generate
-from vlm_jax.models import towers
 from vlm_jax.evaluators.base import Captioner
 from vlm_jax.objectives.base import Contrastive, PooledEmbedder, features_and_tokens
 

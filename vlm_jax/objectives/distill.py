@@ -89,12 +89,17 @@ class Distill(Contrastive):
                 f"must be the teacher's ({source['data']['image_size']}): both see the same images")
 
     @functools.cached_property
+    def teacher_source(self) -> dict:
+        """The teacher run's recorded config, read once per objective."""
+        return teacher_config(self.loss.teacher_workdir)
+
+    @functools.cached_property
     def teacher(self) -> towers.TwoTower:
-        source = teacher_config(self.loss.teacher_workdir)
-        return models.make_model(ml_collections.ConfigDict(_tuples(source["model"])), self.model.text.vocab_size)
+        return models.make_model(ml_collections.ConfigDict(_tuples(self.teacher_source["model"])),
+                                 self.model.text.vocab_size)
 
     def init_parts(self, rng: jax.Array) -> dict[str, Any]:
-        source = teacher_config(self.loss.teacher_workdir)
+        source = self.teacher_source
         s, length = source["data"]["image_size"], source["model"]["text"]["max_len"]
         params = self.teacher.init(rng, jnp.zeros((1, s, s, 3)), jnp.zeros((1, length), jnp.int32))["params"]
         return {**super().init_parts(rng), PREFIX: {**params, "log_t": jnp.asarray(math.log(10.0), jnp.float32)}}
