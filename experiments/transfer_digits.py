@@ -29,6 +29,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -50,16 +51,21 @@ LABELS = {"zeroshot": "zero-shot (no training example)", "fewshot": "logistic re
 
 
 def write_folders(root: str) -> None:
+    """The PNG folders, written beside ``root`` and renamed into place: an
+    interrupted run leaves no partial tree that a later one would take as done."""
     from sklearn.datasets import load_digits  # the data file ships inside the package
 
     digits = load_digits()
+    tmp = root + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
     for split, start, stop in SPLITS:
         for i in range(start, stop):
-            folder = os.path.join(root, split, NAMES[digits.target[i]])
+            folder = os.path.join(tmp, split, NAMES[digits.target[i]])
             os.makedirs(folder, exist_ok=True)
             ink = (255 - digits.images[i] * (255 / 16)).astype(np.uint8)  # values 0..16
             image = Image.fromarray(ink, "L").resize((64, 64), Image.BILINEAR).convert("RGB")
             image.save(os.path.join(folder, f"{i:04d}.png"))
+    os.replace(tmp, root)
 
 
 def ingest(root: str, data_dir: str) -> None:
@@ -139,21 +145,23 @@ def main() -> None:
     ingest(root, args.data_dir)
 
     from vlm_jax import evaluate
+    from vlm_jax.errors import cli_errors
 
     os.makedirs(args.out, exist_ok=True)
     parts, everything = [], {}
     for workdir in args.workdirs:
-        config, settings = grid_config(workdir)
-        step, metrics, details = evaluate.evaluate_checkpoint(config, workdir)
+        with cli_errors():
+            config, settings = grid_config(workdir)
+            step, metrics, details = evaluate.evaluate_checkpoint(config, workdir)
         run = os.path.basename(os.path.normpath(workdir))
         everything[run] = {"step": step, "metrics": metrics, "details": details}
         shots = tuple(config.evals.tip_adapter.shots)
         parts.append(report(run, step, metrics, settings, shots))
         print(parts[-1], flush=True)
-    with open(os.path.join(args.out, "transfer_digits.md"), "w") as f:
-        f.write("\n".join(parts))
-    with open(os.path.join(args.out, "transfer_digits.json"), "w") as f:
-        json.dump(everything, f, indent=1)
+        with open(os.path.join(args.out, "transfer_digits.md"), "w") as f:  # after each run: a long job keeps what it has
+            f.write("\n".join(parts))
+        with open(os.path.join(args.out, "transfer_digits.json"), "w") as f:
+            json.dump(everything, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,15 @@ def test_curation_scores_every_pair_resumes_after_a_kill_and_writes_the_index(tr
     assert again["scores"] == whole["scores"] and again["kept"] == whole["kept"]
     assert not (tmp_path / "again.json.partial.npz").exists()
 
+    # Scores saved without embeddings cannot serve --dedup: that run scores again from the start.
+    monkeypatch.setattr(pipeline, "load_split", dies_on_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        _curate(trained_softmax, noisy_dir, tmp_path / "dedup.json")
+    calls.clear()
+    monkeypatch.setattr(pipeline, "load_split", lambda *a, start=0, **k: calls.append(start) or real(*a, start=start, **k))
+    dedup = _curate(trained_softmax, noisy_dir, tmp_path / "dedup.json", "--dedup", "0.999")
+    assert 0 in calls and dedup["scores"] == whole["scores"]
+
 
 def test_training_reads_only_the_kept_examples_and_resumes_exactly(trained_softmax, noisy_dir, tmp_path):
     index = _curate(trained_softmax, noisy_dir, tmp_path / "idx.json")

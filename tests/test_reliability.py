@@ -201,6 +201,19 @@ def test_a_field_added_since_the_run_started_passes_only_at_its_default(tmp_path
         workdir_lib.check_resume(str(tmp_path), base_config().to_dict(), 10, False)
 
 
+def test_an_input_digest_is_compared_only_where_the_run_recorded_one(tmp_path):
+    from vlm_jax.config import ConfigError, base_config
+
+    defaults = base_config().to_dict()
+    old = json.loads(json.dumps(defaults, default=list))  # a run recorded before input digests existed
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    new = {**base_config().to_dict(), workdir_lib.INPUTS: {"index_file_sha256": "ab"}}
+    assert workdir_lib.check_resume(str(tmp_path), new, 10, False, defaults) == {}
+    (tmp_path / "config.json").write_text(json.dumps({**old, workdir_lib.INPUTS: {"index_file_sha256": "cd"}}))
+    with pytest.raises(ConfigError, match=r"config.inputs.index_file_sha256 was 'cd', now 'ab'"):
+        workdir_lib.check_resume(str(tmp_path), new, 10, False, defaults)
+
+
 def test_extending_the_run_needs_no_flag(trained_softmax, data_dir, tmp_path):
     workdir = _copy(trained_softmax[0], tmp_path)
     train.train(load_tiny_config(data_dir, **{"train.steps": 26, "train.eval_every": 0}), workdir)

@@ -18,8 +18,9 @@ from typing import Any, Sequence
 import ml_collections
 
 from vlm_jax import evaluators, losses, models, objectives
+from vlm_jax import workdir as workdir_lib
 from vlm_jax.data import images, tokenizers
-from vlm_jax.errors import ConfigError, require, unknown_field
+from vlm_jax.errors import ConfigError, first_line, require, unknown_field
 
 ConfigDict = ml_collections.ConfigDict
 eval_entry = evaluators.entry  # config files: config.evals.<name> = eval_entry("zeroshot", splits=(...), ...)
@@ -225,10 +226,19 @@ def _fill(node: ConfigDict, recorded: dict, prefix: str) -> None:
         if key not in node:
             raise ConfigError(f"config.{field}: the run recorded this field, which this version of vlm_jax does "
                               f"not have; evaluate it with the version that trained it")
+        if isinstance(node[key], ConfigDict) != isinstance(value, dict):
+            raise ConfigError(f"config.{field}: the run recorded {value!r}, and this version of vlm_jax's field "
+                              f"is {'a section' if isinstance(node[key], ConfigDict) else 'a value'}; evaluate "
+                              f"it with the version that trained it")
         if isinstance(node[key], ConfigDict):
             _fill(node[key], value, field)
-        else:
+            continue
+        try:
             node[key] = _as_tuples(value)
+        except TypeError as e:
+            raise ConfigError(f"config.{field}: the run recorded {value!r}, which this version of vlm_jax's "
+                              f"field does not take ({first_line(e)}); evaluate it with the version that "
+                              f"trained it") from None
 
 
 def from_workdir(workdir: str) -> ConfigDict:
@@ -243,12 +253,15 @@ def from_workdir(workdir: str) -> ConfigDict:
     except (OSError, ValueError) as e:
         raise ConfigError(f"--config: cannot read {path} ({e}); name a training run's workdir") from None
     config = base_config()
-    recorded = {k: v for k, v in recorded.items() if k != "inputs"}  # input digests (workdir.INPUTS), not fields
+    recorded = {k: v for k, v in recorded.items() if k != workdir_lib.INPUTS}  # input digests, not fields
     entries = recorded.pop("evals", {})
     _fill(config, recorded, "")
     for name in list(config.evals.keys()):
         del config.evals[name]
     for name, e in entries.items():
+        if not isinstance(e, dict) or "kind" not in e:
+            raise ConfigError(f"config.evals.{name}: the run recorded {e!r}, an entry without a kind; {path} "
+                              f"is not a vlm_jax training run's record")
         fields = {k: _as_tuples(v) for k, v in e.items() if k != "kind"}
         config.evals[name] = eval_entry(e["kind"], **fields)
     return config

@@ -32,7 +32,8 @@ Then, in this order, an example is dropped with the first reason that holds:
 
 ``--weight_floor F`` adds per-pair loss weights, one per kept id: the
 rank of its score among the kept examples mapped linearly to [F, 1] (the
-lowest kept score gets F, the highest 1); CLIP's and SigLIP's losses use
+lowest kept score gets F, the highest 1; tied scores share the lower rank,
+and an id repeated by ``--oversample`` has its one weight); CLIP's and SigLIP's losses use
 them with ``--config.data.index_weights=True``.
 
 The index (JSON) names the dataset, split and checkpoint, and holds every
@@ -147,6 +148,10 @@ def score_split(run, config, data, data_cfg, params, split: str, chunk: int, out
             if len(f["scores"]) == n:
                 state = {"scores": f["scores"].copy(), "done": int(f["done"]),
                          "emb": f["emb"].copy() if "emb" in f.files else None}
+        if want_embeddings and state["emb"] is None and state["done"]:  # saved by a run that kept none
+            print(f"{path}: scored without image embeddings, which --dedup / --balance cluster need; "
+                  f"scoring {split} again from the start", flush=True)
+            state = {"scores": np.full(n, np.nan, np.float32), "done": 0, "emb": None}
     from tqdm import tqdm
 
     bar = tqdm(total=n, initial=state["done"], desc=f"scoring {split}", unit="ex", disable=jax.process_index() != 0)
@@ -159,7 +164,8 @@ def score_split(run, config, data, data_cfg, params, split: str, chunk: int, out
         state["scores"][start:stop] = embedder.pair_scores(img, txt)
         if want_embeddings:
             if np.ndim(img) != 2:
-                raise ConfigError("--dedup: this objective's image representation is not one vector per image")
+                raise ConfigError("--dedup / --balance cluster: this objective's image representation is not one "
+                                  "vector per image; use --balance label or no --dedup")
             if state["emb"] is None:
                 state["emb"] = np.zeros((n, img.shape[1]), np.float32)
             state["emb"][start:stop] = img / np.maximum(np.linalg.norm(img, axis=1, keepdims=True), 1e-12)
@@ -229,7 +235,8 @@ def balance(groups: np.ndarray, kept: np.ndarray, scores: np.ndarray, per_group:
 
 
 def rank_weights(scores: np.ndarray, floor: float) -> np.ndarray:
-    """Score ranks mapped linearly to [floor, 1] (ties share the lower rank)."""
+    """Score ranks mapped linearly to [floor, 1]: the lowest score gets
+    ``floor``, the highest 1, tied scores the lower rank."""
     if len(scores) < 2:
         return np.ones(len(scores), np.float32)
     rank = np.searchsorted(np.sort(scores), scores, side="left")
@@ -274,6 +281,9 @@ def curate(args: argparse.Namespace, config) -> dict[str, Any]:
         row = source[i]
         if args.balance == "label":
             labels[i] = int(row[data_cfg.label_key])
+            if labels[i] < 0:
+                raise ConfigError(f"--balance label: example {i} of {split!r} has no class ({data_cfg.label_key} "
+                                  f"= {labels[i]}); balance by --balance cluster, or curate labelled data")
         caption = pipeline.first_caption(row, data_cfg)
         h, w = _image_size(row[data_cfg.image_key])
         if swapped is not None:
@@ -319,7 +329,8 @@ def curate(args: argparse.Namespace, config) -> dict[str, Any]:
         index["groups"] = {"of_example": groups.tolist(), "kept_per_group": np.bincount(
             groups[kept], minlength=int(groups.max()) + 1).tolist()}
     if args.weight_floor is not None:
-        index["weights"] = rank_weights(scores[kept], args.weight_floor).tolist()
+        ids = np.unique(kept)  # ranks among distinct examples: an oversampled id weighs as its one copy
+        index["weights"] = rank_weights(scores[ids], args.weight_floor)[np.searchsorted(ids, kept)].tolist()
     if swapped is not None:
         index["swapped"] = {"auroc_clean_over_swapped": auroc(scores[~swapped], scores[swapped]),
                             "kept_clean": float(np.mean(reason[~swapped] == "")) if (~swapped).any() else None,

@@ -136,8 +136,9 @@ def setup(config) -> Setup:
         raise ConfigError(str(e)) from e
     objective = objectives.make(config, model, mesh)
     if config.data.index_weights and not objective.pair_weights:
+        weighted = ", ".join(name for name, cls in objectives.OBJECTIVES.items() if cls.pair_weights)
         raise ConfigError(f"config.data.index_weights: objective {config.loss.kind!r} does not weight its pairs; "
-                          f"CLIP's and SigLIP's losses do (loss.kind softmax, sigmoid, clippo, clippo_sigmoid)")
+                          f"these do: loss.kind {weighted}")
     fields = tuple(objective.example_fields) + (("weight",) if config.data.index_weights else ())
     try:
         pipeline.check_fields(ds, config.data, fields)

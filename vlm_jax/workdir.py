@@ -118,7 +118,10 @@ def changed_fields(old: dict, new: dict, defaults: dict | None = None) -> dict[s
 
     A field the old config lacks (added to the library after that run
     started) is no change while the new config keeps it at its default in
-    ``defaults``: a new field's default is the behaviour from before it."""
+    ``defaults``: a new field's default is the behaviour from before it.
+    Likewise an input digest (``INPUTS``) the old record lacks: that run
+    started before digests were recorded, and its content cannot be
+    compared."""
     a, b = flatten_config(old), flatten_config(new)
     d = flatten_config(json.loads(json.dumps(defaults, default=list))) if defaults else {}
     out = {}
@@ -126,6 +129,8 @@ def changed_fields(old: dict, new: dict, defaults: dict | None = None) -> dict[s
         if key.startswith(FREE_TO_CHANGE) or key in FREE_TO_CHANGE:
             continue
         if key not in a and key in b and key in d and b[key] == d[key]:
+            continue
+        if key not in a and key.startswith(f"config.{INPUTS}."):
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             out[key] = (a.get(key, "<absent>"), b.get(key, "<absent>"))

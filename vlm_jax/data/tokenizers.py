@@ -18,7 +18,7 @@ from __future__ import annotations
 import html
 import io
 import os
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -157,12 +157,17 @@ def make_tokenizer(kind: str, path: str | None) -> Tokenizer:
 
 def tokenize(tok: Tokenizer, texts: Iterable[str], max_len: int) -> np.ndarray:
     """Fixed-length rows: prefix, ids (cut to fit), suffix, then PAD_ID."""
+    return rows_of_ids(tok, (tok.encode(t) for t in texts), max_len)
+
+
+def rows_of_ids(tok: Tokenizer, id_lists: Iterable[Sequence[int]], max_len: int) -> np.ndarray:
+    """``tokenize``'s rows from already-encoded texts."""
     room = max_len - len(tok.prefix) - len(tok.suffix)
     if room < 0:
         raise ValueError(f"config.model.text.max_len={max_len} cannot hold the tokenizer's special tokens")
     rows = []
-    for t in texts:
-        ids = [*tok.prefix, *tok.encode(t)[:room], *tok.suffix]
+    for ids in id_lists:
+        ids = [*tok.prefix, *list(ids)[:room], *tok.suffix]
         rows.append(ids + [PAD_ID] * (max_len - len(ids)))
     return np.asarray(rows, dtype=np.int32).reshape(-1, max_len)
 

@@ -50,10 +50,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vlm_jax.data import tokenizers
 from vlm_jax.errors import ConfigError, require
 from vlm_jax.evaluators.base import Metrics, TransferEmbedder
 from vlm_jax.evaluators.probe import LabelledSplits, shot_rows
-from vlm_jax.evaluators.zeroshot import ZeroShot
+from vlm_jax.evaluators.zeroshot import ZeroShot, check_label_range, topk_accuracy
 
 
 @functools.partial(jax.jit, static_argnames=("loss", "lr"))
@@ -101,10 +102,9 @@ class _Transfer(LabelledSplits, ZeroShot):
     def setup(self) -> None:
         super().setup()  # class names, templates, prompt tokens; checks the evaluated splits' labels
         self.check_labelled()
-        top = int(self.labels(self.entry.train_split).max(initial=0))
-        if top >= len(self.class_names):
-            raise ConfigError(f"config.{self.field}: split {self.entry.train_split!r} has label {top} but only "
-                              f"{len(self.class_names)} class names")
+        check_label_range(self.labels(self.entry.train_split), len(self.class_names), self.field,
+                          self.entry.train_split)
+        self.fit_log: dict[str, list[list[float]]] = {}  # "<k>shot" -> per seed, what FIT_LOG names
         if not isinstance(self.ctx.embedder, TransferEmbedder):
             raise ConfigError(f"config.{self.field}.kind: {self.entry.kind} needs a model scored by one pooled "
                               f"embedding per image and text; this objective's embedder "
@@ -131,21 +131,20 @@ class _Transfer(LabelledSplits, ZeroShot):
         out: Metrics = {}
         per_seed: dict[str, list[float]] = {}
         for k, states in fits.items():
-            accs = [float(np.mean(np.argmax(self.scores(params, s, split), axis=1) == y)) for s in states]
+            accs = [topk_accuracy(self.scores(params, s, split), y, (1,))["top1"] for s in states]  # ties count against
             out[f"{k}shot_top1"] = float(np.mean(accs))
             per_seed[f"{k}shot_top1"] = accs
         self.details[split] = {"per_seed": per_seed, **({self.FIT_LOG: self.fit_log} if self.fit_log else {})}
         return out
 
     def _fit_all(self, params) -> dict[int, list[Any]]:
-        self.fit_log: dict[str, list[list[float]]] = {}  # "<k>shot" -> per seed, what FIT_LOG names
+        self.fit_log = {}  # this evaluation's; an earlier one's stays in its details
         _, y = self.train_embeddings(params)
         if not len(y):
             raise ConfigError(f"config.{self.field}: no training examples in {self.entry.train_split!r}")
         return {k: [self.fit(params, shot_rows(y, len(self.class_names), k, seed), k, seed)
                     for seed in range(self.entry.seeds)] for k in sorted(self.entry.shots)}
 
-    fit_log: dict[str, list[list[float]]] = {}
     FIT_LOG: ClassVar[str] = "train_loss"  # what fit_log holds per k and seed: (first, last) training loss
 
     def fit(self, params, rows: np.ndarray, k: int, seed: int) -> Any:
@@ -186,8 +185,8 @@ class TipAdapter(_Transfer):
         best, best_acc = None, -1.0
         for alpha in self.entry.alpha_grid:
             for beta in self.entry.beta_grid:
-                acc = np.mean(np.argmax(self.logits(keys, keys, values, classes, alpha, beta, leave_out=True),
-                                        axis=1) == y[rows])
+                acc = topk_accuracy(self.logits(keys, keys, values, classes, alpha, beta, leave_out=True), y[rows],
+                                    (1,))["top1"]
                 if acc > best_acc:
                     best, best_acc = (float(alpha), float(beta)), acc
         self.fit_log.setdefault(f"{k}shot", []).append(list(best))
@@ -290,7 +289,7 @@ class CoOp(_Tuned):
                               f"'{{}}' to start the context from; give a positive n_ctx")
         length = self.ctx.text_len
         room = length - len(tok.prefix) - len(tok.suffix)
-        rows = []
+        encoded = []
         for name in self.class_names:
             ids = tok.encode(template.format(name))
             if self.entry.n_ctx:  # learned vectors before the whole prompt
@@ -299,13 +298,13 @@ class CoOp(_Tuned):
                 raise ConfigError(f"config.{self.field}.templates: {before!r} does not tokenise as the start of "
                                   f"{template.format(name)!r}; give a positive n_ctx to learn the context "
                                   f"before the whole template instead")
-            rows.append([*tok.prefix, *ids[:room], *tok.suffix])
+            encoded.append(ids)
         m = self.entry.n_ctx or len(words)
         require(m < room, f"{self.field}.n_ctx", f"{m} context tokens leave no room for the class name in "
                                                   f"config.model.text.max_len={length}")
         start = len(tok.prefix)
-        self.ctx_ids = np.asarray(rows[0][start:start + m], np.int32)
-        self.ctx_tokens = np.asarray([r + [0] * (length - len(r)) for r in rows], np.int32)
+        self.ctx_tokens = tokenizers.rows_of_ids(tok, encoded, length)
+        self.ctx_ids = self.ctx_tokens[0, start:start + m]
         self.ctx_where = np.zeros(self.ctx_tokens.shape, bool)
         self.ctx_where[:, start:start + m] = True
         self.ctx_slot = np.clip(np.arange(length) - start, 0, m - 1).astype(np.int32)  # position -> context vector

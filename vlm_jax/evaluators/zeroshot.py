@@ -39,6 +39,13 @@ def rank_of_label(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return (scores >= true[:, None]).sum(axis=1) - 1
 
 
+def check_label_range(labels: np.ndarray, num_classes: int, field: str, split: str) -> None:
+    """ConfigError naming ``field`` unless every label of ``split`` indexes a class name."""
+    top = int(np.max(labels, initial=0))
+    if top >= num_classes:
+        raise ConfigError(f"config.{field}: split {split!r} has label {top} but only {num_classes} class names")
+
+
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Fraction of rows whose label is among the k highest scores (ties count against it)."""
     rank = rank_of_label(scores, labels)
@@ -128,10 +135,7 @@ class ZeroShot(Evaluator):
             for key in filter(None, (self.label_key, self.entry.filter_key)):
                 if key not in self.data(split):
                     raise ConfigError(f"config.{self.field}: split {split!r} has no feature {key!r}")
-            top = int(self.data(split)[self.label_key].max(initial=0))
-            if top >= len(names):
-                raise ConfigError(f"config.{self.field}: split {split!r} has label {top} but only {len(names)} "
-                                  f"class names")
+            check_label_range(self.data(split)[self.label_key], len(names), self.field, split)
         self.class_names = names
         self.template_list = self.templates()
         prompts = [t.format(name) for name in names for t in self.template_list]

@@ -357,6 +357,12 @@ class ViT(nn.Module):
 TEXT_POOLS = ("eos", "argmax", "first", "last", "mean")
 
 
+def vocab_ids(tokens: jax.Array, pad_id: int, token_offset: int) -> jax.Array:
+    """Rows of the text tower's embedding table for ``tokens`` (0 = padding):
+    a published vocabulary's own padding id and offset (``model.text``)."""
+    return jnp.where(tokens == 0, pad_id, tokens - token_offset) if pad_id or token_offset else tokens
+
+
 class TextTransformer(nn.Module):
     """Transformer text tower over int token ids (0 = padding); returns
     (pooled (B, width), tokens (B, L, width)).
@@ -445,8 +451,7 @@ class TextTransformer(nn.Module):
         b, length = tokens.shape
         if length > self.max_len:
             raise ValueError(f"text length {length} exceeds config.model.text.max_len={self.max_len}")
-        ids = jnp.where(tokens == 0, self.pad_id, tokens - self.token_offset) if self.pad_id or self.token_offset \
-            else tokens
+        ids = vocab_ids(tokens, self.pad_id, self.token_offset)
         x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name="embed")(ids)
         if replace is not None:
             where, vector = replace

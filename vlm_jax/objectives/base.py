@@ -182,8 +182,7 @@ class PooledEmbedder(Embedder, DenseEmbedder, TransferEmbedder):
 
     def token_vectors(self, params, tokens):
         text = self.model.text
-        ids = jnp.where(tokens == 0, text.pad_id, tokens - text.token_offset)
-        return params["text"]["embed"]["embedding"][ids]
+        return params["text"]["embed"]["embedding"][towers.vocab_ids(tokens, text.pad_id, text.token_offset)]
 
     def prompted_texts(self, params, tokens, where, vectors):
         return self.model.apply({"params": params}, tokens, where, vectors,
