@@ -46,5 +46,7 @@ def test_max_batch_search_respects_the_budget(tmp_path):
 
 def test_cost_models():
     assert loss_scaling.flop_model("softmax", "tiled", 10, 2) == ("8*B^2*d", 1600.0)
+    assert loss_scaling.flop_model("sigmoid", "ring", 10, 2) == ("6*B^2*d", 1200.0)  # loss and gradients in one pass
+    assert loss_scaling.comm_bytes_per_device("sigmoid", "ring", 8, 2, 4, 4) == 3 * 2 * 2 * 4 + 4 * 2 * 2 * 4
     assert loss_scaling.comm_bytes_per_device("sigmoid", "all_gather", 8, 2, 4, 4) == 2 * 3 * 2 * 2 * 4
     assert loss_scaling.comm_bytes_per_device("softmax", "ring", 8, 2, 1, 4) == 0.0

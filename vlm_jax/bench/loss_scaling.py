@@ -66,9 +66,11 @@ def flop_model(kind: str, impl: str, batch: int, dim: int) -> tuple[str, float]:
 
     A stored logit matrix costs one forward product and two backward products:
     6·B²·d; the softmax all_gather computes each direction from its own
-    gathered side, twice that; ring/tiled recompute each block once: 8·B²·d."""
+    gathered side, twice that; the softmax ring/tiled recompute each block
+    once in the backward: 8·B²·d; the sigmoid ring/tiled compute the loss and
+    its gradients in one pass: 6·B²·d."""
     b2d = float(batch) * batch * dim
-    if impl in ("ring", "tiled"):
+    if impl in ("ring", "tiled") and kind == "softmax":
         return "8*B^2*d", 8 * b2d
     if kind == "softmax" and impl == "all_gather":
         return "12*B^2*d", 12 * b2d
@@ -87,7 +89,9 @@ def comm_bytes_per_device(kind: str, impl: str, batch: int, dim: int, n: int, it
         modalities = 2 if kind == "softmax" else 1
         return 2.0 * modalities * chunk  # gather forward, reduce-scatter backward
     grad_chunk = (n - 1) * b * dim * 4 + b * dim * 4  # float32 accumulators, one extra hop home
-    stats = n * b * 4 * (2 if kind == "softmax" else 0)  # column LSE (forward) and with the chunk (backward)
+    if kind == "sigmoid":  # one pass: the chunk and its gradient accumulator
+        return float(chunk + grad_chunk)
+    stats = n * b * 4 * 2  # column LSE (forward) and with the chunk (backward)
     return float(chunk + chunk + grad_chunk + 2 * stats)
 
 

@@ -252,12 +252,15 @@ def sigmoid_loss(zimg, ztxt, log_t, bias, *, impl: str = "all_gather", mesh: Mes
       communication per device: all_gather of one modality, (N−1)·b·d elements
       forward, the same as reduce-scatter backward;
       FLOPs: 2·b·B·d forward, ≈ 4·b·B·d backward (≈ 6·B²·d over all devices).
-    impl="ring": the texts travel the ring of N devices (ppermute); a custom
-    VJP keeps no logits for the backward (only the inputs) and recomputes each
-    block, the chunk's gradient accumulator travelling the ring with it.
+    impl="ring": the texts travel the ring of N devices (ppermute). Every
+    pair's term is independent of the others, so under differentiation a
+    custom VJP computes the loss and the gradients in the same pass, the
+    chunk's gradient accumulator travelling the ring with it; it keeps no
+    logits, only the (b × d) gradients, which the backward pass scales.
       memory per device: O(b·d) + one b×b block in flight, independent of N;
-      communication per device: (N−1)·b·d forward, 2·(N−1)·b·d + b·d backward;
-      FLOPs: ≈ 8·B²·d in all (2 forward, 6 backward).
+      communication per device: 2·(N−1)·b·d + b·d (texts and their
+      gradients), or (N−1)·b·d for the loss alone;
+      FLOPs: ≈ 6·B²·d in all with the gradients, 2·B²·d for the loss alone.
     impl="tiled": as "ring" with tile×tile pieces: O(b·d + tile²) memory.
     With ``mesh=None``: the dense formula, one B×B logit matrix ("ring" and
     "tiled" then run on a one-device mesh).
@@ -444,11 +447,13 @@ def region_word_loss(regions, region_keys, region_weights, phrases, phrase_keys,
       the phrase gradients backward;
       FLOPs: 2·b·R·B·P·d forward, ≈ twice that backward.
     impl="ring": the phrase chunks travel the ring with their keys and
-    weights; a custom VJP keeps no logits and recomputes each block.
+    weights; under differentiation a custom VJP computes the loss and the
+    gradients in one pass (the phrase chunk's gradient accumulator travels
+    with it) and keeps no logits, only the gradients.
       memory per device: O(b·(R + P)·d) + one (b·R × b·P) block in flight;
-      communication per device: (N−1)·b·P·(d + 2) forward,
-      2·(N−1)·b·P·d + b·P·d backward;
-      FLOPs: ≈ 8·(B·R)·(B·P)·d in all.
+      communication per device: (N−1)·b·P·(d + 2) + (N−1)·b·P·d + b·P·d
+      (the chunks and their gradients; without them (N−1)·b·P·(d + 2));
+      FLOPs: ≈ 6·(B·R)·(B·P)·d in all with the gradients.
     impl="tiled": as "ring" in (tile × tile') pieces: ``tile`` divides the b·R
     rows, tile' is the largest divisor of the b·P columns up to ``tile``.
     With ``mesh=None``: the formula on the arrays as given.

@@ -5,10 +5,15 @@
 ``ring_loss`` is memory-linear. Each device holds its b rows of z^I and z^T.
 The other modality's chunk travels around the ring of N devices with
 ``ppermute``; at step k device p scores its images against the texts of
-device (p − k) mod N. A block of logits is never stored: a ``jax.custom_vjp``
-keeps only O(b) statistics and recomputes every block in the backward pass,
-where the gradient accumulator of a text chunk travels the ring with it and
-arrives home after the last step.
+device (p − k) mod N. A block of logits is never stored. The loss is a sum
+of independent per-pair terms, so its gradient needs no global statistic:
+under differentiation (``jax.custom_vjp``'s forward rule) one pass of the
+ring computes the loss and its gradients at once, the gradient accumulator
+of a text chunk travelling the ring with it and arriving home after the
+last step; the backward pass only scales the stored (b × d) gradients by
+the cotangent. Each block costs three matmuls (logits, G·z^T, Gᵀ·z^I), the
+dense path's 6·B²·d FLOPs in all, and the texts go round the ring once.
+Without differentiation the pass computes the loss alone (2·B²·d).
 
 Within a device each (b × b) block is processed in (tile × tile) pieces with
 ``lax.scan``; ``tile`` = b means one piece per block (the "ring" impl).
@@ -67,9 +72,10 @@ def gathered_loss(zi, zt, log_t, bias, *, axis):
 
 
 def _sigmoid_block(zi, zc, t, bias, offset, tile, axes, scale=None):
-    """Forward (scale=None): Σ softplus(−ℓ·x) over the block, x = t·zi·zcᵀ + b,
-    ℓ = +1 where column == row + offset. Backward: with G = scale·(−ℓ·σ(−ℓ·x)),
-    returns (t·G·zc, t·Gᵀ·zi, Σ G∘(x − b), Σ G)."""
+    """Loss only (scale=None): Σ softplus(−ℓ·x) over the block, x = t·zi·zcᵀ + b,
+    ℓ = +1 where column == row + offset. With gradients: with
+    G = scale·(−ℓ·σ(−ℓ·x)), returns (t·G·zc, t·Gᵀ·zi, Σ G∘(x − b), Σ G,
+    Σ softplus(−ℓ·x))."""
     b, d = zi.shape
     rows0 = jnp.arange(tile)
 
@@ -85,18 +91,20 @@ def _sigmoid_block(zi, zc, t, bias, offset, tile, axes, scale=None):
             sign = jnp.where(cols == rows + offset, 1.0, -1.0)
             if scale is None:
                 return inner + jnp.sum(jax.nn.softplus(-sign * x)), None
-            dzi_r, dlt, db = inner
+            dzi_r, dlt, db, total = inner
             g = -scale * sign * jax.nn.sigmoid(-sign * x)
-            new = (dzi_r + t * dot(g.astype(zc_c.dtype), zc_c), dlt + jnp.sum(g * s), db + jnp.sum(g))
+            new = (dzi_r + t * dot(g.astype(zc_c.dtype), zc_c), dlt + jnp.sum(g * s), db + jnp.sum(g),
+                   total + jnp.sum(jax.nn.softplus(-sign * x)))
             return new, t * dot(g.T.astype(zi_r.dtype), zi_r)
 
         if scale is None:
             total, _ = jax.lax.scan(col_tile, carry, (tiles(zc, tile), jnp.arange(b // tile)))
             return total, None
-        dzc, dlt, db = carry
+        dzc, dlt, db, total = carry
         zero = varying(jnp.zeros((tile, d), jnp.float32), axes)
-        (dzi_r, dlt, db), dzc_parts = jax.lax.scan(col_tile, (zero, dlt, db), (tiles(zc, tile), jnp.arange(b // tile)))
-        return (dzc + dzc_parts.reshape(b, d), dlt, db), dzi_r
+        (dzi_r, dlt, db, total), dzc_parts = jax.lax.scan(col_tile, (zero, dlt, db, total),
+                                                          (tiles(zc, tile), jnp.arange(b // tile)))
+        return (dzc + dzc_parts.reshape(b, d), dlt, db, total), dzi_r
 
     xs = (tiles(zi, tile), jnp.arange(b // tile))
     zero_s = varying(jnp.zeros((), jnp.float32), axes)
@@ -104,18 +112,13 @@ def _sigmoid_block(zi, zc, t, bias, offset, tile, axes, scale=None):
         total, _ = jax.lax.scan(row_tile, zero_s, xs)
         return total
     zero_dz = varying(jnp.zeros((b, d), jnp.float32), axes)
-    (dzc, dlt, db), dzi = jax.lax.scan(row_tile, (zero_dz, zero_s, zero_s), xs)
-    return dzi.reshape(b, d), dzc, dlt, db
+    (dzc, dlt, db, total), dzi = jax.lax.scan(row_tile, (zero_dz, zero_s, zero_s, zero_s), xs)
+    return dzi.reshape(b, d), dzc, dlt, db, total
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def ring_loss(zi, zt, log_t, bias, axes: Sequence[str], n: int, tile: int):
     """The global loss; zi, zt are this device's rows (the texts travel the ring)."""
-    loss, _ = _sigmoid_ring_fwd(zi, zt, log_t, bias, axes, n, tile)
-    return loss
-
-
-def _sigmoid_ring_fwd(zi, zt, log_t, bias, axes, n, tile):
     t = jnp.exp(log_t.astype(jnp.float32))
     bias32 = bias.astype(jnp.float32)
     b = zi.shape[0]
@@ -128,35 +131,38 @@ def _sigmoid_ring_fwd(zi, zt, log_t, bias, axes, n, tile):
 
     zc, total = jax.lax.fori_loop(0, n - 1, step, (zt, varying(jnp.zeros((), jnp.float32), axes)))
     total = total + _sigmoid_block(zi, zc, t, bias32, (me - (me - (n - 1)) % n) * b, tile, axes)
-    loss = jax.lax.psum(total, axes) / (b * n)
-    return loss, (zi, zt, log_t, bias)
+    return jax.lax.psum(total, axes) / (b * n)
 
 
-def _sigmoid_ring_bwd(axes, n, tile, res, ct):
-    zi, zt, log_t, bias = res
+def _sigmoid_ring_fwd(zi, zt, log_t, bias, axes, n, tile):
+    """The loss and its gradients at cotangent 1, in one pass of the ring;
+    the residuals are the (b × d) gradients and two scalars."""
     t = jnp.exp(log_t.astype(jnp.float32))
     bias32 = bias.astype(jnp.float32)
     b, d = zi.shape
-    scale = ct / (b * n)
+    scale = 1.0 / (b * n)
     me = jax.lax.axis_index(tuple(axes))
 
     def step(k, carry):
-        zc, dzc, dzi, dlt, db = carry
+        zc, dzc, dzi, dlt, db, total = carry
         offset = (me - (me - k) % n) * b
-        gi, gc, gl, gb = _sigmoid_block(zi, zc, t, bias32, offset, tile, axes, scale)
-        return shift(zc, axes, n), shift(dzc + gc, axes, n), dzi + gi, dlt + gl, db + gb
+        gi, gc, gl, gb, s = _sigmoid_block(zi, zc, t, bias32, offset, tile, axes, scale)
+        return shift(zc, axes, n), shift(dzc + gc, axes, n), dzi + gi, dlt + gl, db + gb, total + s
 
     zeros = varying(jnp.zeros((b, d), jnp.float32), axes)
     zero = varying(jnp.zeros((), jnp.float32), axes)
-    zc, dzc, dzi, dlt, db = jax.lax.fori_loop(0, n - 1, step, (zt, zeros, zeros, zero, zero))
-    gi, gc, gl, gb = _sigmoid_block(zi, zc, t, bias32, (me - (me - (n - 1)) % n) * b, tile, axes, scale)
+    zc, dzc, dzi, dlt, db, total = jax.lax.fori_loop(0, n - 1, step, (zt, zeros, zeros, zero, zero, zero))
+    gi, gc, gl, gb, s = _sigmoid_block(zi, zc, t, bias32, (me - (me - (n - 1)) % n) * b, tile, axes, scale)
     dzt = shift(dzc + gc, axes, n)
-    return (
-        (dzi + gi).astype(zi.dtype),
-        dzt.astype(zt.dtype),
-        jax.lax.psum(dlt + gl, axes).astype(log_t.dtype),
-        jax.lax.psum(db + gb, axes).astype(bias.dtype),
-    )
+    loss = jax.lax.psum(total + s, axes) / (b * n)
+    grads = (dzi + gi, dzt, jax.lax.psum(dlt + gl, axes), jax.lax.psum(db + gb, axes))
+    dtypes = tuple(jnp.zeros((0,), x.dtype) for x in (zi, zt, log_t, bias))  # empty: the inputs' dtypes only
+    return loss, (grads, dtypes)
+
+
+def _sigmoid_ring_bwd(axes, n, tile, res, ct):
+    grads, dtypes = res
+    return tuple((ct * g).astype(like.dtype) for g, like in zip(grads, dtypes))
 
 
 ring_loss.defvjp(_sigmoid_ring_fwd, _sigmoid_ring_bwd)
@@ -194,9 +200,10 @@ def keyed_gathered_loss(zi, ki, wi, zc, kc, wc, log_t, bias, *, axis):
 
 
 def _keyed_block(rows, cols, t, bias, tiles_rc, axes, scale=None):
-    """Forward (scale=None): Σ w·softplus(−ℓ·x) over the block of ``rows`` =
-    (z, k, w) against ``cols``, in (tr × tc) pieces. Backward: with
-    G = scale·w·(−ℓ·σ(−ℓ·x)), returns (t·G·zc, t·Gᵀ·zi, Σ G∘s, Σ G)."""
+    """Loss only (scale=None): Σ w·softplus(−ℓ·x) over the block of ``rows`` =
+    (z, k, w) against ``cols``, in (tr × tc) pieces. With gradients: with
+    G = scale·w·(−ℓ·σ(−ℓ·x)), returns (t·G·zc, t·Gᵀ·zi, Σ G∘s, Σ G,
+    Σ w·softplus(−ℓ·x))."""
     (zi, ki, wi), (zc, kc, wc) = rows, cols
     tr, tc = tiles_rc
     m, d = zi.shape
@@ -210,25 +217,26 @@ def _keyed_block(rows, cols, t, bias, tiles_rc, axes, scale=None):
             s, x, sign, w = _keyed_terms(zi_r, ki_r, wi_r, zc_c, kc_c, wc_c, t, bias)
             if scale is None:
                 return inner + jnp.sum(w * jax.nn.softplus(-sign * x)), None
-            dzi_r, dlt, db = inner
+            dzi_r, dlt, db, total = inner
             g = -scale * w * sign * jax.nn.sigmoid(-sign * x)
-            new = (dzi_r + t * dot(g.astype(zc_c.dtype), zc_c), dlt + jnp.sum(g * s), db + jnp.sum(g))
+            new = (dzi_r + t * dot(g.astype(zc_c.dtype), zc_c), dlt + jnp.sum(g * s), db + jnp.sum(g),
+                   total + jnp.sum(w * jax.nn.softplus(-sign * x)))
             return new, t * dot(g.T.astype(zi_r.dtype), zi_r)
 
         if scale is None:
             return jax.lax.scan(col_tile, carry, col_xs)[0], None
-        dzc, dlt, db = carry
+        dzc, dlt, db, total = carry
         zero = varying(jnp.zeros((tr, d), jnp.float32), axes)
-        (dzi_r, dlt, db), dzc_parts = jax.lax.scan(col_tile, (zero, dlt, db), col_xs)
-        return (dzc + dzc_parts.reshape(zc.shape), dlt, db), dzi_r
+        (dzi_r, dlt, db, total), dzc_parts = jax.lax.scan(col_tile, (zero, dlt, db, total), col_xs)
+        return (dzc + dzc_parts.reshape(zc.shape), dlt, db, total), dzi_r
 
     row_xs = (tiles(zi, tr), tiles(ki, tr), tiles(wi, tr))
     zero_s = varying(jnp.zeros((), jnp.float32), axes)
     if scale is None:
         return jax.lax.scan(row_tile, zero_s, row_xs)[0]
     zero_dz = varying(jnp.zeros(zc.shape, jnp.float32), axes)
-    (dzc, dlt, db), dzi = jax.lax.scan(row_tile, (zero_dz, zero_s, zero_s), row_xs)
-    return dzi.reshape(m, d), dzc, dlt, db
+    (dzc, dlt, db, total), dzi = jax.lax.scan(row_tile, (zero_dz, zero_s, zero_s, zero_s), row_xs)
+    return dzi.reshape(m, d), dzc, dlt, db, total
 
 
 def _keyed_count(wi, axes):
@@ -239,14 +247,6 @@ def _keyed_count(wi, axes):
 def keyed_ring_loss(zi, ki, wi, zc, kc, wc, log_t, bias, axes: Sequence[str], n: int, tiles_rc: tuple[int, int]):
     """The global keyed loss; (zi, ki, wi) are this device's rows, the columns
     (zc, kc, wc) travel the ring. Keys and weights get no gradient."""
-    return _keyed_ring_fwd(zi, ki, wi, zc, kc, wc, log_t, bias, axes, n, tiles_rc)[0]
-
-
-def _shift_all(xs, axes, n):
-    return tuple(shift(x, axes, n) for x in xs)
-
-
-def _keyed_ring_fwd(zi, ki, wi, zc, kc, wc, log_t, bias, axes, n, tiles_rc):
     t = jnp.exp(log_t.astype(jnp.float32))
     bias32 = bias.astype(jnp.float32)
     rows = (zi, ki, wi)
@@ -257,34 +257,41 @@ def _keyed_ring_fwd(zi, ki, wi, zc, kc, wc, log_t, bias, axes, n, tiles_rc):
 
     cols, total = jax.lax.fori_loop(0, n - 1, step, ((zc, kc, wc), varying(jnp.zeros((), jnp.float32), axes)))
     total = total + _keyed_block(rows, cols, t, bias32, tiles_rc, axes)
-    loss = jax.lax.psum(total, axes) / _keyed_count(wi, axes)
-    return loss, (zi, ki, wi, zc, kc, wc, log_t, bias)
+    return jax.lax.psum(total, axes) / _keyed_count(wi, axes)
 
 
-def _keyed_ring_bwd(axes, n, tiles_rc, res, ct):
-    zi, ki, wi, zc, kc, wc, log_t, bias = res
+def _shift_all(xs, axes, n):
+    return tuple(shift(x, axes, n) for x in xs)
+
+
+def _keyed_ring_fwd(zi, ki, wi, zc, kc, wc, log_t, bias, axes, n, tiles_rc):
+    """The loss and its gradients at cotangent 1 in one pass (as ``ring_loss``)."""
     t = jnp.exp(log_t.astype(jnp.float32))
     bias32 = bias.astype(jnp.float32)
-    scale = ct / _keyed_count(wi, axes)
+    count = _keyed_count(wi, axes)
     rows = (zi, ki, wi)
 
     def step(_, carry):
-        cols, dzc, dzi, dlt, db = carry
-        gi, gc, gl, gb = _keyed_block(rows, cols, t, bias32, tiles_rc, axes, scale)
-        return _shift_all(cols, axes, n), shift(dzc + gc, axes, n), dzi + gi, dlt + gl, db + gb
+        cols, dzc, dzi, dlt, db, total = carry
+        gi, gc, gl, gb, s = _keyed_block(rows, cols, t, bias32, tiles_rc, axes, 1.0 / count)
+        return _shift_all(cols, axes, n), shift(dzc + gc, axes, n), dzi + gi, dlt + gl, db + gb, total + s
 
     zero = varying(jnp.zeros((), jnp.float32), axes)
     init = ((zc, kc, wc), varying(jnp.zeros(zc.shape, jnp.float32), axes),
-            varying(jnp.zeros(zi.shape, jnp.float32), axes), zero, zero)
-    cols, dzc, dzi, dlt, db = jax.lax.fori_loop(0, n - 1, step, init)
-    gi, gc, gl, gb = _keyed_block(rows, cols, t, bias32, tiles_rc, axes, scale)
+            varying(jnp.zeros(zi.shape, jnp.float32), axes), zero, zero, zero)
+    cols, dzc, dzi, dlt, db, total = jax.lax.fori_loop(0, n - 1, step, init)
+    gi, gc, gl, gb, s = _keyed_block(rows, cols, t, bias32, tiles_rc, axes, 1.0 / count)
+    loss = jax.lax.psum(total + s, axes) / count
+    grads = (dzi + gi, shift(dzc + gc, axes, n), jax.lax.psum(dlt + gl, axes), jax.lax.psum(db + gb, axes))
+    dtypes = tuple(jnp.zeros((0,), x.dtype) for x in (zi, zc, log_t, bias))  # empty: the inputs' dtypes only
+    return loss, (grads, dtypes, (ki, wi, kc, wc))  # keys and weights: O(rows), for their cotangents' shapes
+
+
+def _keyed_ring_bwd(axes, n, tiles_rc, res, ct):
+    (dzi, dzc, dlt, db), (zi, zc, log_t, bias), (ki, wi, kc, wc) = res
     none = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731  (integer keys: no cotangent)
-    return (
-        (dzi + gi).astype(zi.dtype), none(ki), jnp.zeros_like(wi),
-        shift(dzc + gc, axes, n).astype(zc.dtype), none(kc), jnp.zeros_like(wc),
-        jax.lax.psum(dlt + gl, axes).astype(log_t.dtype),
-        jax.lax.psum(db + gb, axes).astype(bias.dtype),
-    )
+    return ((ct * dzi).astype(zi.dtype), none(ki), jnp.zeros_like(wi), (ct * dzc).astype(zc.dtype), none(kc),
+            jnp.zeros_like(wc), (ct * dlt).astype(log_t.dtype), (ct * db).astype(bias.dtype))
 
 
 keyed_ring_loss.defvjp(_keyed_ring_fwd, _keyed_ring_bwd)
