@@ -145,13 +145,13 @@ def score_split(run, config, data, data_cfg, params, split: str, chunk: int, out
     state: dict[str, Any] = {"scores": np.full(n, np.nan, np.float32), "done": 0, "emb": None}
     if os.path.exists(path):
         with np.load(path) as f:
-            if len(f["scores"]) == n:
+            lacks_emb = want_embeddings and "emb" not in f.files and int(f["done"]) > 0  # saved by a run that kept none
+            if lacks_emb:
+                print(f"{path}: scored without image embeddings, which --dedup / --balance cluster need; "
+                      f"scoring {split} again from the start", flush=True)
+            elif len(f["scores"]) == n:
                 state = {"scores": f["scores"].copy(), "done": int(f["done"]),
                          "emb": f["emb"].copy() if "emb" in f.files else None}
-        if want_embeddings and state["emb"] is None and state["done"]:  # saved by a run that kept none
-            print(f"{path}: scored without image embeddings, which --dedup / --balance cluster need; "
-                  f"scoring {split} again from the start", flush=True)
-            state = {"scores": np.full(n, np.nan, np.float32), "done": 0, "emb": None}
     from tqdm import tqdm
 
     bar = tqdm(total=n, initial=state["done"], desc=f"scoring {split}", unit="ex", disable=jax.process_index() != 0)
