@@ -60,6 +60,15 @@ def test_sentencepiece_tokenizer_fitted_on_train_captions(data_dir):
         tokenizers.make_tokenizer("sentencepiece", data_dir + "/nope.model")
 
 
+def test_another_vocab_size_fits_its_own_tokenizer_instead_of_reusing_one(data_dir):
+    from vlm_jax.data import shapes_tfds
+
+    shapes_tfds.prepare(data_dir, "tiny", 48)
+    small = tokenizers.make_tokenizer("sentencepiece", shapes_tfds.tokenizer_path(data_dir, "tiny", 48))
+    default = tokenizers.make_tokenizer("sentencepiece", shapes_tfds.tokenizer_path(data_dir, "tiny"))
+    assert small.vocab_size == 48 < default.vocab_size
+
+
 def _data_cfg(data_dir):
     c = base_config().data
     c.data_dir, c.dataset_config = data_dir, "tiny"

@@ -31,7 +31,7 @@ from vlm_jax.data import images, shapes_tfds, tokenizers
 # Datasets this library generates itself, once, into config.data.data_dir
 # (nothing is downloaded): name -> a module with ``prepare(data_dir,
 # config_name, vocab_size) -> TFDS builder`` and ``tokenizer_path(data_dir,
-# config_name)`` (the SentencePiece model it fits beside the data).
+# config_name, vocab_size)`` (the SentencePiece model it fits beside the data).
 GENERATED = {
     shapes_tfds.NAME: shapes_tfds,
 }
@@ -69,7 +69,7 @@ def open_dataset(data_cfg, tokenizer: tokenizers.Tokenizer | None = None) -> Dat
         generator = GENERATED[data_cfg.dataset]
         builder = generator.prepare(data_dir, data_cfg.dataset_config or "default", data_cfg.vocab_size)
         if data_cfg.tokenizer == "sentencepiece" and not tok_path:
-            tok_path = generator.tokenizer_path(data_dir, data_cfg.dataset_config or "default")
+            tok_path = generator.tokenizer_path(data_dir, data_cfg.dataset_config or "default", data_cfg.vocab_size)
     else:  # any TFDS dataset already prepared in data_dir
         import tensorflow_datasets as tfds
 

@@ -104,15 +104,18 @@ def builder(data_dir: str, config_name: str = "default") -> VlmShapes:
     return VlmShapes(config=config_name, data_dir=data_dir, file_format="array_record")
 
 
-def tokenizer_path(data_dir: str, config_name: str = "default") -> str:
-    return os.path.join(data_dir, NAME, config_name, "tokenizer.model")
+def tokenizer_path(data_dir: str, config_name: str = "default", vocab_size: int = 128) -> str:
+    """The SentencePiece model fitted beside the data; one file per vocabulary
+    size, so that changing ``config.data.vocab_size`` fits a new one instead
+    of reusing a model of another size."""
+    return os.path.join(data_dir, NAME, config_name, f"tokenizer_{vocab_size}.model")
 
 
-def prepare(data_dir: str, config_name: str = "default", vocab_size: int = 64) -> VlmShapes:
+def prepare(data_dir: str, config_name: str = "default", vocab_size: int = 128) -> VlmShapes:
     """Generates the dataset and its tokenizer into ``data_dir`` unless present."""
     b = builder(data_dir, config_name)
     b.download_and_prepare()
-    path = tokenizer_path(data_dir, config_name)
+    path = tokenizer_path(data_dir, config_name, vocab_size)
     if not os.path.exists(path):
         from vlm_jax.data import tokenizers  # local import: sentencepiece only when needed
 
