@@ -47,6 +47,9 @@ def tiny_overrides(data_dir: str, **extra) -> list[str]:
         "model.text.depth": 1,
         "model.text.mlp_dim": 64,
         "model.text.num_heads": 2,
+        # one block in the objectives' own stacks too (CoCa's decoder, ALBEF's fusion encoder)
+        "loss.decoder_depth": 1,
+        "loss.fusion_depth": 1,
         "train.batch_size": 32,
         "train.steps": 24,
         "train.log_every": 2,
