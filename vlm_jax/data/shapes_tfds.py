@@ -17,6 +17,7 @@ from vlm_jax.data import scenes
 
 NAME = "vlm_shapes"
 IMAGE_SIZE = 64
+VOCAB_SIZE = 128  # pieces of the fitted tokenizer unless asked otherwise (config.data.vocab_size's default)
 
 
 @dataclasses.dataclass
@@ -104,14 +105,14 @@ def builder(data_dir: str, config_name: str = "default") -> VlmShapes:
     return VlmShapes(config=config_name, data_dir=data_dir, file_format="array_record")
 
 
-def tokenizer_path(data_dir: str, config_name: str = "default", vocab_size: int = 128) -> str:
+def tokenizer_path(data_dir: str, config_name: str = "default", vocab_size: int = VOCAB_SIZE) -> str:
     """The SentencePiece model fitted beside the data; one file per vocabulary
     size, so that changing ``config.data.vocab_size`` fits a new one instead
     of reusing a model of another size."""
     return os.path.join(data_dir, NAME, config_name, f"tokenizer_{vocab_size}.model")
 
 
-def prepare(data_dir: str, config_name: str = "default", vocab_size: int = 128) -> VlmShapes:
+def prepare(data_dir: str, config_name: str = "default", vocab_size: int = VOCAB_SIZE) -> VlmShapes:
     """Generates the dataset and its tokenizer into ``data_dir`` unless present."""
     b = builder(data_dir, config_name)
     b.download_and_prepare()
