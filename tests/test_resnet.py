@@ -1,6 +1,7 @@
-"""CLIP's modified ResNet tower: shapes, attention pool against float64,
-no batch statistics, config checks, FLOP count."""
+"""CLIP's modified ResNet tower: shapes, attention pool, convolution and
+group norm against float64, no batch statistics, config checks, FLOP count."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +73,78 @@ def test_attention_pool_matches_a_float64_reference():
     ref_pooled, ref_tokens = _attention_pool_reference(x, params["params"], 4)
     np.testing.assert_allclose(pooled, ref_pooled, rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(tokens, ref_tokens, rtol=2e-5, atol=2e-6)
+
+
+def _conv_reference(x, kernel, stride):
+    """float64 NumPy k × k convolution, zero padding k // 2, NHWC · HWIO."""
+    k, p = kernel.shape[0], kernel.shape[0] // 2
+    b, h, w, _ = x.shape
+    ho, wo = (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1
+    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    windows = lambda i, j: xp[:, i:i + (ho - 1) * stride + 1:stride, j:j + (wo - 1) * stride + 1:stride]
+    out = sum(windows(i, j) @ kernel[i, j] for i in range(k) for j in range(k))
+    return out, windows
+
+
+@pytest.mark.parametrize("k,stride,side", [(3, 1, 6), (3, 2, 8), (3, 2, 7), (1, 1, 5)])
+def test_conv_matches_a_float64_reference_in_value_and_gradient(k, stride, side):
+    """The convolution whose kernel gradient is a matrix product: its output,
+    its kernel gradient (the windows of x against the output's cotangent) and
+    its input gradient (the adjoint: <dx, d> = <conv(d), dy> for any d)."""
+    conv = resnet.Conv(5, k, stride)
+    x = jax.random.normal(jax.random.PRNGKey(10), (3, side, side, 4))
+    params = conv.init(jax.random.PRNGKey(0), x)
+    kernel = params["params"]["kernel"]
+    assert kernel.shape == (k, k, 4, 5)
+    assert jnp.array_equal(kernel, nn.Conv(5, (k, k), use_bias=False).init(jax.random.PRNGKey(0), x)["params"]["kernel"])
+    x64, kernel64 = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    ref, windows = _conv_reference(x64, kernel64, stride)
+    np.testing.assert_allclose(conv.apply(params, x), ref, rtol=1e-5, atol=1e-5)
+    dy = jax.random.normal(jax.random.PRNGKey(11), ref.shape)
+    dx, dk = jax.grad(lambda x, kern: jnp.vdot(conv.apply({"params": {"kernel": kern}}, x), dy), argnums=(0, 1))(x, kernel)
+    dy64 = np.asarray(dy, np.float64)
+    ref_dk = np.stack([np.einsum("bhwc,bhwo->co", windows(i, j), dy64) for i in range(k) for j in range(k)])
+    np.testing.assert_allclose(dk, ref_dk.reshape(kernel.shape), rtol=1e-5, atol=1e-4)
+    d = np.asarray(jax.random.normal(jax.random.PRNGKey(12), x.shape), np.float64)
+    np.testing.assert_allclose(np.vdot(np.asarray(dx, np.float64), d), np.vdot(_conv_reference(d, kernel64, stride)[0], dy64),
+                               rtol=1e-5)
+
+
+def _group_norm_reference(x, scale, bias, groups, eps=1e-5):
+    """float64 NumPy group normalisation of an NHWC map (Wu and He 2018)."""
+    b, h, w, c = x.shape
+    g = x.reshape(b, h, w, groups, c // groups)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+    return ((g - mean) / np.sqrt(var + eps)).reshape(b, h, w, c) * scale + bias
+
+
+@pytest.mark.parametrize("channels,groups", [(16, 16), (32, 8), (12, 1)])
+def test_group_norm_matches_a_float64_reference_and_flax_in_value_and_gradient(channels, groups):
+    norm = resnet.GroupNorm(num_groups=groups)
+    x = 3.0 + jax.random.normal(jax.random.PRNGKey(5), (3, 5, 4, channels))  # a mean far from 0
+    scale, bias = (jax.random.normal(jax.random.PRNGKey(k), (channels,)) for k in (6, 7))
+    params = {"params": {"scale": scale, "bias": bias}}
+    assert jax.tree_util.tree_map(jnp.shape, norm.init(jax.random.PRNGKey(0), x)) == \
+        jax.tree_util.tree_map(jnp.shape, params)
+    args = [np.asarray(a, np.float64) for a in (x, scale, bias)]
+    np.testing.assert_allclose(norm.apply(params, x), _group_norm_reference(*args, groups), rtol=1e-5, atol=1e-5)
+    probe = jax.random.normal(jax.random.PRNGKey(8), x.shape)
+
+    def grads(module):
+        f = lambda x, s, b: jnp.vdot(module.apply({"params": {"scale": s, "bias": b}}, x), probe)
+        return jax.grad(f, argnums=(0, 1, 2))(x, scale, bias)
+
+    got, flax_grads = grads(norm), grads(nn.GroupNorm(num_groups=groups, epsilon=1e-5))
+    ref = lambda *a: float(np.vdot(_group_norm_reference(*a, groups), np.asarray(probe, np.float64)))
+    eps = 1e-6  # central differences of the float64 reference along a random direction per argument
+    for i, (g, g_flax) in enumerate(zip(got, flax_grads)):
+        d = np.asarray(jax.random.normal(jax.random.PRNGKey(9 + i), args[i].shape), np.float64)
+        plus, minus = list(args), list(args)
+        plus[i], minus[i] = args[i] + eps * d, args[i] - eps * d
+        np.testing.assert_allclose(np.vdot(np.asarray(g, np.float64), d), (ref(*plus) - ref(*minus)) / (2 * eps),
+                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(g, g_flax, rtol=1e-4, atol=1e-4)
 
 
 def test_an_example_does_not_depend_on_the_rest_of_its_batch():

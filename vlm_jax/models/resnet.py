@@ -30,11 +30,13 @@ or rematerialised.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, ClassVar
 
 import chex
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vlm_jax.errors import require
@@ -44,9 +46,108 @@ Dtype = Any
 EXPANSION = 4  # a bottleneck block's output channels per "planes"
 
 
-def _norm(channels: int, groups: int, dtype, name: str, zero: bool = False) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=math.gcd(groups, channels), epsilon=1e-5, dtype=dtype, name=name,
-                        scale_init=nn.initializers.zeros if zero else nn.initializers.ones)
+class GroupNorm(nn.Module):
+    """Group normalisation of an NHWC map: ``flax.linen.GroupNorm``'s
+    parameters (``scale``, ``bias``), statistics (float32,
+    Var = E[x²] − E[x]²) and result, computed in the map's own layout.
+    The means over (h, w) come first, as (b, c), then over each group's
+    channels, as (b, groups); the map is then one multiply-add per element,
+    y = x·a + c with a = scale / √(Var + ε) and c = bias − mean·a per
+    (example, channel). Flax normalises a (b, h, w, groups, c / groups)
+    view, for which XLA on the CPU transposes the whole map, forward and
+    backward (docs/benchmarks.md)."""
+
+    num_groups: int
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    scale_init: Any = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x):
+        b, c = x.shape[0], x.shape[-1]
+        chex.assert_rank(x, 4)
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {self.num_groups} groups do not divide {c} channels")
+        per_group = c // self.num_groups
+        scale = self.param("scale", self.scale_init, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        xf = x.astype(jnp.float32)
+
+        def group_mean(v):  # (b, h, w, c) -> (b, groups): mean over the spatial axes and the group's channels
+            return jnp.mean(v, axis=(1, 2)).reshape(b, self.num_groups, per_group).mean(axis=-1)
+
+        mean, mean_sq = group_mean(xf), group_mean(jnp.square(xf))
+        inv = jax.lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + self.epsilon)
+        a = jnp.repeat(inv, per_group, axis=1) * scale.astype(jnp.float32)
+        shift = bias.astype(jnp.float32) - jnp.repeat(mean, per_group, axis=1) * a
+        return (xf * a[:, None, None, :] + shift[:, None, None, :]).astype(self.dtype)
+
+
+def _conv_raw(x, kernel, stride: int):
+    p = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((p, p), (p, p)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv2d(x, kernel, stride: int = 1):
+    """k × k convolution (k odd, zero padding k // 2) of an NHWC map with an
+    HWIO kernel. The forward pass and the input's gradient are XLA's
+    convolutions; the kernel's gradient is k² matrix products, one per tap
+    (i, j): the map's window at offset (i, j), channel-major as
+    (c, b·h'·w'), times the output's cotangent (b·h'·w', o). XLA's own
+    kernel gradient is a convolution contracting over the batch, which on
+    the CPU transposes both operands and runs at a third of a matrix
+    product's rate (docs/benchmarks.md)."""
+    return _conv_raw(x, kernel, stride)
+
+
+def _conv2d_fwd(x, kernel, stride):
+    return _conv_raw(x, kernel, stride), (x, kernel)
+
+
+def _conv2d_bwd(stride, res, g):
+    x, kernel = res
+    k, _, c, o = kernel.shape
+    dx = jax.vjp(lambda x: _conv_raw(x, kernel, stride), x)[1](g)[0]
+    b, ho, wo = g.shape[:3]
+    p = k // 2
+    xt = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), (p, p), (p, p)))  # (c, b, h + 2p, w + 2p)
+    window = lambda i, j: jax.lax.slice(xt, (0, 0, i, j), (c, b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1),
+                                        (1, 1, stride, stride)).reshape(c, b * ho * wo)
+    g = g.reshape(b * ho * wo, o)
+    dk = jnp.stack([jnp.dot(window(i, j), g, preferred_element_type=jnp.float32) for i in range(k) for j in range(k)])
+    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+class Conv(nn.Module):
+    """Bias-free k × k convolution with "SAME" zero padding (k odd): the
+    parameters, initialisation and forward computation of
+    ``nn.Conv(features, (k, k), strides, padding=k // 2, use_bias=False)``,
+    differentiated by ``conv2d``; a 1 × 1 convolution is a matrix product
+    over the channel axis."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if k == 1 and self.stride == 1:
+            return jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
+        return conv2d(x, kernel, self.stride)
+
+
+def _norm(channels: int, groups: int, dtype, name: str, zero: bool = False) -> GroupNorm:
+    return GroupNorm(num_groups=math.gcd(groups, channels), epsilon=1e-5, dtype=dtype, name=name,
+                     scale_init=nn.initializers.zeros if zero else nn.initializers.ones)
 
 
 def feature_width(layers, base_width: int) -> int:
@@ -78,7 +179,7 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x):
         out_ch = self.planes * EXPANSION
-        conv = lambda ch, k, name: nn.Conv(ch, (k, k), padding="SAME", use_bias=False, dtype=self.dtype, name=name)
+        conv = lambda ch, k, name: Conv(ch, k, dtype=self.dtype, name=name)
         y = nn.relu(_norm(self.planes, self.groups, self.dtype, "norm1")(conv(self.planes, 1, "conv1")(x)))
         y = nn.relu(_norm(self.planes, self.groups, self.dtype, "norm2")(conv(self.planes, 3, "conv2")(y)))
         y = _avg_pool(y, self.stride)
@@ -208,8 +309,7 @@ class ModifiedResNet(nn.Module):
             x = x.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // s, w // s, s * s * c)
         half, g = self.base_width // 2, self.norm_groups
         for i, (ch, stride) in enumerate(((half, 2), (half, 1), (self.base_width, 1))):
-            x = nn.Conv(ch, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)), use_bias=False,
-                        dtype=self.dtype, name=f"stem_conv{i}")(x)
+            x = Conv(ch, 3, stride, self.dtype, name=f"stem_conv{i}")(x)
             x = nn.relu(_norm(ch, g, self.dtype, f"stem_norm{i}")(x))
         x = _avg_pool(x, 2)
         for name, planes, stride in blocks(self.layers, self.base_width):
