@@ -122,6 +122,17 @@ def decode_rgb(value) -> np.ndarray:
     return array_to_rgb(value)
 
 
+def decode_map(value) -> np.ndarray:
+    """Encoded bytes (a PNG of one channel) or an array of an integer map
+    (class or instance ids) -> H×W, the stored values unchanged."""
+    a = np.asarray(open_image(bytes(value))) if isinstance(value, (bytes, bytearray, memoryview)) else np.asarray(value)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim != 2:
+        raise ImageError("undecodable", f"a map of shape {a.shape}; expected H×W or H×W×1")
+    return a
+
+
 Window = tuple[int, int, int, int]  # top, left, height, width
 
 

@@ -98,11 +98,14 @@ def open_dataset(data_cfg, tokenizer: tokenizers.Tokenizer | None = None) -> Dat
                 f"config.data: feature {key!r} not in dataset {data_cfg.dataset!r} "
                 f"(features: {sorted(features)})"
             )
-    # Encoded images reach our decoder as bytes (every mode handled alike).
+    # Every encoded image feature reaches us as bytes: the image is decoded by
+    # our decoder (every mode handled alike), any other image feature (the
+    # embedded data's instance "mask") only where it is read, so that the train
+    # stream does not decode a mask per example it never looks at.
     import tensorflow_datasets as tfds
 
-    decoders = ({data_cfg.image_key: tfds.decode.SkipDecoding()}
-                if isinstance(features[data_cfg.image_key], tfds.features.Image) else None)
+    decoders = {key: tfds.decode.SkipDecoding() for key, feature in features.items()
+                if isinstance(feature, tfds.features.Image)} or None
     sources = builder.as_data_source(decoders=decoders)
     ds = Dataset(dict(sources), tokenizer, None, builder.info.features)
     ds.class_names = ds.class_names_of(data_cfg.label_key) if data_cfg.label_key else None
@@ -383,7 +386,7 @@ def load_dense(ds: Dataset, data_cfg, split: str, max_examples: int, field: str 
     box_labels = np.full((n, nb), ABSENT, np.int32)
     for i in range(n):
         ex = source[i]
-        mask = np.asarray(ex["mask"])
+        mask = images.decode_map(ex["mask"])
         view = images.eval_geometry(*mask.shape[:2])
         labels = np.asarray(ex["objects"]["label"], np.int32).reshape(-1)
         if len(labels) > nb:
