@@ -231,6 +231,50 @@ def test_decoding_workers_give_the_same_batches_and_resume_exactly(data_dir):
         np.testing.assert_array_equal(got["text"], w["text"])
 
 
+class _CountingSource:
+    def __init__(self, source):
+        self.source, self.reads = source, 0
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.source[i]
+
+
+def test_the_example_cache_reads_each_example_once_within_its_budget(data_dir):
+    src = _CountingSource(pipeline.open_dataset(_data_cfg(data_dir)).sources["train"])
+    one = pipeline._nbytes(src.source[0])
+    cached = pipeline.CachedSource(src, max_bytes=3 * one + one // 2)  # room for about three examples
+    first = [cached[i] for i in range(8)] + [cached[i] for i in range(8)]
+    assert len(cached) == len(src.source)
+    assert 0 < cached.cached_bytes <= 3 * one + one // 2
+    kept = len(cached._cache)
+    assert 2 <= kept <= 4 and src.reads == 16 - kept  # the kept ones were read once, the rest twice
+    for i in range(8):
+        want = src.source[i]
+        assert first[i].keys() == want.keys() and first[i]["caption"] == want["caption"]
+        assert first[i]["image"] == want["image"] and first[8 + i] is not first[i]  # a new dict each read
+
+
+def test_the_example_cache_leaves_every_batch_unchanged_and_is_free_to_change(data_dir):
+    from vlm_jax import config as config_lib, workdir
+
+    cfg = _data_cfg(data_dir)
+    cfg.crop_area, cfg.cache_mib = (0.5, 1.0), 0
+    ds = pipeline.open_dataset(cfg)
+    plain = iter(pipeline.train_dataset(ds, cfg, 16, 32, seed=5))
+    want = [next(plain) for _ in range(40)]  # 1,280 examples: past the tiny split's 1,024, so the cache is hit
+    cfg.cache_mib = 64
+    for got, w in zip(iter(pipeline.train_dataset(ds, cfg, 16, 32, seed=5)), want):
+        for key in w:
+            np.testing.assert_array_equal(got[key], w[key])
+    assert "config.data.cache_mib" in workdir.FREE_TO_CHANGE
+    with pytest.raises(config_lib.ConfigError, match="data.cache_mib"):
+        config_lib.load_config("configs/default.py", ["data.cache_mib=-1"])
+
+
 # --------------------------------------------------------------------------- tokenizer.json files
 
 

@@ -71,6 +71,7 @@ def base_config() -> ConfigDict:
     c.data.num_threads = 2
     c.data.prefetch = 4
     c.data.workers = 0  # decoding processes (grain multiprocessing); 0 = threads of the training process
+    c.data.cache_mib = 256  # keep the train split's examples, as read, in memory up to this many MiB (0: none)
     # Grounding (objectives that ask for "regions"; pipeline.regions): slots per example, and
     # the text of the background phrase that is paired with the patches outside every box.
     c.data.max_boxes = 4
@@ -368,6 +369,8 @@ def _check_data(data: ConfigDict) -> None:
         ok = ok and 0 < r[0] <= r[1] and (top is None or r[1] <= top)
         require(ok, f"data.{field}", f"must be (low, high) with 0 < low <= high{' <= 1' if top else ''}, got {r!r}")
     require(data.workers >= 0, "data.workers", "must be 0 (threads only) or a number of processes")
+    require(isinstance(data.cache_mib, int) and data.cache_mib >= 0, "data.cache_mib",
+            f"must be a whole number of MiB, 0 for no cache, got {data.cache_mib!r}")
     require(data.max_boxes > 0 and data.max_phrases > 0, "data.max_boxes",
             "max_boxes and max_phrases must be positive")
     require(0.0 < data.box_min_visible <= 1.0, "data.box_min_visible", "must be in (0, 1]")

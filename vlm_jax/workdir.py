@@ -40,7 +40,7 @@ HISTORY_NAME = "config_history.jsonl"
 FREE_TO_CHANGE = (
     "config.train.steps", "config.train.log_every", "config.train.checkpoint_every", "config.train.keep_checkpoints",
     "config.train.eval_every", "config.train.progress", "config.evals.", "config.data.num_threads",
-    "config.data.prefetch", "config.data.workers", "config.mesh.",  # a resumed run may use another device count (elastic resume)
+    "config.data.prefetch", "config.data.workers", "config.data.cache_mib", "config.mesh.",  # a resumed run may use another device count (elastic resume)
 )
 
 

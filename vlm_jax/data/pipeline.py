@@ -254,6 +254,47 @@ class IndexedSource:
         return ex if self._weights is None else {**ex, PAIR_WEIGHT: self._weights[i]}
 
 
+def _nbytes(value) -> int:
+    """Approximate memory of a decoded example's leaves (arrays, bytes, scalars)."""
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (bytes, bytearray, str)):
+        return len(value) + 64
+    if isinstance(value, np.ndarray):
+        return value.nbytes + 128
+    return 32
+
+
+class CachedSource:
+    """``source`` with every example it returns kept in memory, until the
+    kept examples take ``max_bytes`` (later ones are then read each time):
+    after the first epoch a small dataset skips record reads and TFDS's
+    feature parsing, most of what an example costs the host. A pure
+    optimisation: each read returns what the source returns (a new dict
+    every time, sharing the cached values, which the pipeline never
+    modifies), so batches are unchanged bit for bit. Each worker process
+    (``config.data.workers``) keeps its own cache."""
+
+    def __init__(self, source, max_bytes: int):
+        self._source, self._budget = source, int(max_bytes)
+        self._cache: dict[int, dict] = {}
+        self.cached_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i):
+        i = int(i)
+        ex = self._cache.get(i)
+        if ex is None:
+            ex = self._source[i]
+            size = _nbytes(ex)
+            if self.cached_bytes + size <= self._budget:
+                self._cache[i] = ex  # two threads may both read i first; either copy is the same
+                self.cached_bytes += size
+        return dict(ex)
+
+
 def file_digest(path: str) -> str:
     """SHA-256 of a file's bytes (hex)."""
     import hashlib
@@ -330,6 +371,8 @@ def train_dataset(ds: Dataset, data_cfg, text_len: int, global_batch: int, seed:
         raise ValueError(f"config.train.batch_size={global_batch} is not divisible by {process_count} processes")
     source = indexed_source(_split(ds, data_cfg.train_split, "config.data.train_split"), data_cfg,
                             data_cfg.train_split)
+    if data_cfg.cache_mib:
+        source = CachedSource(source, data_cfg.cache_mib << 20)
     if len(source) < global_batch:
         raise ValueError(f"config.train.batch_size={global_batch}: the train split has only {len(source)} examples"
                          + (" in config.data.index_file" if data_cfg.index_file else ""))
