@@ -97,8 +97,10 @@ def conv2d(x, kernel, stride: int = 1):
     (i, j): the map's window at offset (i, j), channel-major as
     (c, b·h'·w'), times the output's cotangent (b·h'·w', o). XLA's own
     kernel gradient is a convolution contracting over the batch, which on
-    the CPU transposes both operands and runs at a third of a matrix
-    product's rate (docs/benchmarks.md)."""
+    the CPU transposes both operands and ran at 12–32 GFLOP/s where these
+    products run at about 60 (docs/benchmarks.md). Memory: the residuals
+    are autodiff's (the input and the kernel); the backward pass adds one
+    transposed, padded copy of the input and a window of it per product."""
     return _conv_raw(x, kernel, stride)
 
 
@@ -138,6 +140,8 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x):
         k = self.kernel_size
+        if k % 2 == 0:
+            raise ValueError(f"Conv: kernel_size {k} must be odd (padding k // 2 on each side)")
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if k == 1 and self.stride == 1:
