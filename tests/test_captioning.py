@@ -127,4 +127,5 @@ def test_the_cross_attention_stacks_remat_and_scan_to_the_same_values_and_gradie
     want_stacked["blocks"] = {"block": jax.tree_util.tree_map(lambda *x: jnp.stack(x), want_g["block0"],
                                                               want_g["block1"])}
     for a, b in zip(jax.tree_util.tree_leaves(got_g), jax.tree_util.tree_leaves(want_stacked)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        # the loop sums in another order: float32 rounding of the leaf's scale, not of each element
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=max(1e-6, 1e-5 * float(np.max(np.abs(b)))))
