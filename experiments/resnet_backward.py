@@ -23,6 +23,7 @@ import sys
 import flax.linen as nn
 import jax
 
+from vlm_jax import config as config_lib
 from vlm_jax.bench import throughput
 from vlm_jax.models import resnet
 
@@ -54,15 +55,16 @@ def main(argv: list[str]) -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("overrides", nargs="*", help="config overrides, field=value")
     args = p.parse_args(argv)
+    tower = config_lib.load_config(args.config, args.overrides).model.image.tower
+    if tower != "resnet":
+        sys.exit(f"error: config {args.config}: model.image.tower={tower!r}; this benchmark needs the resnet tower "
+                 f"(override model.image.tower=resnet)")
     conv, norm = resnet.Conv, resnet._norm
     built = {}
     try:
         for name, (conv_fn, norm_fn) in VARIANTS.items():
             resnet.Conv, resnet._norm = conv_fn, norm_fn  # read when the tower is traced, below
-            cfg, _, step, state, batch = throughput._prepare(args.config, args.overrides, args.batch)
-            if cfg.model.image.tower != "resnet":
-                sys.exit(f"error: config {args.config}: model.image.tower={cfg.model.image.tower!r}; this benchmark "
-                         f"needs the resnet tower (override model.image.tower=resnet)")
+            _, _, step, state, batch = throughput._prepare(args.config, args.overrides, args.batch)
             compiled = step.lower(state, batch).compile()
             state, out = compiled(state, batch)
             print(f"{name}: loss of the first step {float(out['train/loss']):.7f}", flush=True)
