@@ -13,6 +13,11 @@ the train loop runs, so the numbers equal the run's own.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # glibc reads its tunables at start-up: re-execute before anything heavy is imported
+    from vlm_jax import hostmem
+
+    hostmem.reexec_with_huge_pages()
+
 import argparse
 import json
 import os

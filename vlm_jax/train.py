@@ -15,6 +15,11 @@ checkpoint and reproduces the uninterrupted run's metrics.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # glibc reads its tunables at start-up: re-execute before anything heavy is imported
+    from vlm_jax import hostmem
+
+    hostmem.reexec_with_huge_pages()
+
 import json
 import os
 import signal
