@@ -4,14 +4,14 @@ XLA's CPU runtime allocates each execution's temporaries afresh (the default
 train step's are 224 MiB) and frees them at the end; glibc maps a block that
 large with ``mmap`` and unmaps it on free, so every step touches fresh
 memory and faults it in page by page: 4 KiB pages, about 57,000 faults and
-224 MiB zeroed by the kernel per step, a third of the default run's CPU time
-spent in the kernel on the 2-core machine (docs/benchmarks.md). Where the
-kernel gives huge pages to regions that ask for them
+224 MiB zeroed by the kernel per step; about a quarter of the default run's
+CPU time went to the kernel on the 2-core machine (docs/benchmarks.md).
+Where the kernel gives huge pages to regions that ask for them
 (``/sys/kernel/mm/transparent_hugepage/enabled`` is ``madvise``, a common
 default), glibc's tunable ``glibc.malloc.hugetlb=1`` (glibc ≥ 2.35) makes
-malloc ask for its mappings: 2 MiB pages, 512 times fewer faults. The
-default train step then took 223 ms against 301 (medians of five
-alternating pairs of processes).
+malloc ask for them on its mappings: a 64 MiB block then faults 544 times
+instead of 16,385. The default train step then took 223 ms against 301
+(medians of five alternating pairs of processes).
 
 glibc reads its tunables once, when the process starts, so the command-line
 entry points re-execute themselves with ``GLIBC_TUNABLES`` set before they
