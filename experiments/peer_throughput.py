@@ -20,7 +20,10 @@ the open_clip model so both train identical networks.
 open_clip runs in the peer environment (``vlm_jax.bench.peer_env``) as a
 long-lived child; the two alternate in pairs (the child times ``--steps``
 steps, then vlm_jax does), and each side's examples/s is the median over
-pairs of its steps' median time.
+pairs of its steps' median time. The script re-executes itself as the train
+command does (``vlm_jax.hostmem``: glibc's huge-page tunable, where the
+kernel offers huge pages on request), and the child inherits it: both sides
+allocate alike.
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+if __name__ == "__main__":
+    # As `python -m vlm_jax.train` runs: glibc's huge-page tunable where it helps (vlm_jax.hostmem). The
+    # open_clip child inherits the environment, so both sides allocate alike.
+    from vlm_jax import hostmem
+
+    hostmem.reexec_with_huge_pages()
 
 import jax  # noqa: E402
 
@@ -155,7 +165,8 @@ def main() -> None:
     python = peer_env.ensure_venv()
     rows = [measure(n, SIZES[n], python, args.pairs, args.steps, args.threads) for n in args.sizes]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} "
-          f"({jax.devices()[0].device_kind}); torch {rows[0]['torch']}, {args.threads} threads")
+          f"({jax.devices()[0].device_kind}); torch {rows[0]['torch']}, {args.threads} threads; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both sides)")
     print(f"command: python experiments/peer_throughput.py {' '.join(sys.argv[1:])}\n")
     print("| model | parameters | batch | open_clip ms/step (pairs) | vlm_jax ms/step (pairs) | open_clip ex/s | "
           "vlm_jax ex/s | vlm_jax / open_clip |")
