@@ -59,7 +59,7 @@ def _glibc_version() -> tuple[int, ...]:
 def huge_page_environment(environ: Mapping[str, str], system: str, glibc: tuple[int, ...],
                           mode: str) -> dict[str, str] | None:
     """The environment to re-execute with, or None when there is nothing to do."""
-    if system != "Linux" or not glibc or glibc < MIN_GLIBC or mode != "madvise":
+    if system != "Linux" or glibc < MIN_GLIBC or mode != "madvise":  # () (not glibc) sorts below any version
         return None
     if "GLIBC_TUNABLES" in environ or environ.get("VLM_JAX_HUGE_PAGES") == "0":
         return None
