@@ -22,7 +22,10 @@ through a 2 × 2 space-to-depth rearrangement (small shapes keep their
 pixels at the cost of the 32 px tower); random crops of 35–100 % of the
 image (scale jitter: without it a model tells shapes apart by their pixel
 area, a shortcut); 1,000 steps of batch 128 at learning rate 3e-3; the
-softmax (CLIP) temperature started at t = 30; every evaluator at the end.
+softmax (CLIP) temperature started at t = 30; every evaluator at the end;
+one input-pipeline thread (the 64 px PNGs decode in a fraction of the
+step, and two threads only contend for the GIL with each other: the run
+takes 0.92x the time with identical batches, docs/benchmarks.md).
 """
 
 import math
@@ -50,6 +53,7 @@ def get_config(arg: str = "softmax"):
     config.model.image.update(dict(layers=(2, 2), base_width=32, num_heads=4, space_to_depth=2))
     config.data.image_size = 64
     config.data.crop_area = (0.35, 1.0)
+    config.data.num_threads = 1
     config.optim.lr = 3e-3
     config.train.steps = 1000
     config.train.batch_size = 128
