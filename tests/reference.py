@@ -225,3 +225,22 @@ def weighted_softmax_loss_and_grads(zi, zt, w, log_t):
     eye = np.eye(len(w))
     g = (np.where(keep[:, None], w[:, None] * (p_r - eye), 0) + np.where(keep[None, :], w[None, :] * (p_c - eye), 0)) / total
     return loss, {"zimg": t * g @ zt, "ztxt": t * g.T @ zi, "log_t": np.sum(g * x)}
+
+
+def negclip_loss_and_grads(zi, zt, zn, valid, log_t):
+    """CLIP with one hard-negative caption per pair: the valid negatives are
+    extra columns of the image→text softmax only (closed form, float64)."""
+    zi, zt, zn = np.float64(zi), np.float64(zt), np.float64(zn)
+    B = zi.shape[0]
+    t = np.exp(np.float64(log_t))
+    x, xn = t * zi @ zt.T, t * zi @ zn.T
+    xn = np.where(np.asarray(valid, bool)[None, :], xn, -np.inf)
+    d = np.diag(x)
+    both = np.concatenate([x, xn], axis=1)
+    loss = 0.5 * ((_lse(both, 1) - d).mean() + (_lse(x, 0) - d).mean())
+    p = _softmax(both, 1)
+    eye = np.eye(B)
+    g = ((p[:, :B] - eye) + (_softmax(x, 0) - eye)) / (2 * B)  # dL/dx
+    gn = p[:, B:] / (2 * B)  # dL/dxn (0 where invalid)
+    return loss, {"zimg": t * (g @ zt + gn @ zn), "ztxt": t * g.T @ zi, "znegative": t * gn.T @ zi,
+                  "log_t": np.sum(g * x) + np.sum(np.where(gn > 0, gn * xn, 0.0))}

@@ -316,3 +316,37 @@ def test_losses_imports_run_downwards_and_take_no_private_names():
         assert leaves, f"import cycle among {sorted(remaining)}: {remaining}"
         for m in leaves:
             del remaining[m]
+
+
+# --------------------------------------------------------------------------- NegCLIP (hard-negative captions)
+
+from reference import negclip_loss_and_grads  # noqa: E402
+
+
+@pytest.mark.parametrize("n", DEVICE_COUNTS)
+@pytest.mark.parametrize("impl,tile", INFONCE_IMPLS)
+def test_negclip_matches_reference(impl, tile, n):
+    rng = np.random.default_rng(n)
+    B = 16
+    zi, zt, zn = unit_rows(rng, B, 8), unit_rows(rng, B, 8), unit_rows(rng, B, 8)
+    valid = rng.random(B) < 0.7  # some pairs have no negative
+    mesh = _mesh(n)
+    f = lambda a, b, c, v, lt: losses.negclip_loss(a, b, c, v, lt, impl=impl, mesh=mesh, tile=tile)  # noqa: E731
+    value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 4)))(
+        _put(zi, mesh), _put(zt, mesh), _put(zn, mesh), jnp.asarray(valid), jnp.float32(2.0))
+    ref, g = negclip_loss_and_grads(zi, zt, zn, valid, 2.0)
+    _close(value, ref)
+    for got, key in zip(grads, ("zimg", "ztxt", "znegative", "log_t")):
+        _close(got, g[key])
+
+
+def test_negclip_without_valid_negatives_is_clip_and_a_negative_raises_the_loss():
+    rng = np.random.default_rng(3)
+    zi, zt, zn = unit_rows(rng, 16, 8), unit_rows(rng, 16, 8), unit_rows(rng, 16, 8)
+    mesh = _mesh(4)
+    args = (_put(zi, mesh), _put(zt, mesh), _put(zn, mesh))
+    none = losses.negclip_loss(*args, jnp.zeros(16, bool), jnp.float32(1.5), mesh=mesh, impl="ring")
+    clip = losses.softmax_loss(args[0], args[1], jnp.float32(1.5), mesh=mesh)
+    _close(none, clip)
+    one = losses.negclip_loss(*args, jnp.arange(16) == 5, jnp.float32(1.5), mesh=mesh, impl="ring")
+    assert float(one) > float(clip)

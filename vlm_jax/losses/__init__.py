@@ -1,8 +1,9 @@
 """Pure-function contrastive losses with negatives from every device.
 
-CLIP softmax, SigLIP sigmoid, UniCL, SLIP image–image InfoNCE, FILIP and the
-region–word sigmoid loss, each with impl in ``IMPLS``. Formulas, memory,
-communication and FLOPs are in each docstring and in docs/losses.md.
+CLIP softmax (also with hard-negative captions: NegCLIP), SigLIP sigmoid,
+UniCL, SLIP image–image InfoNCE, FILIP and the region–word sigmoid loss,
+each with impl in ``IMPLS``. Formulas, memory, communication and FLOPs are in
+each docstring and in docs/losses.md.
 
 Modules, imports running downwards only: ``ring`` (the primitives: matmuls,
 the device ring, tiles, axis bookkeeping) ← the engines ``infonce`` (every
@@ -15,6 +16,7 @@ from vlm_jax.losses.api import (
     filip_loss,
     filip_sim,
     image_infonce_loss,
+    negclip_loss,
     region_word_loss,
     sigmoid_loss,
     softmax_loss,
@@ -23,6 +25,7 @@ from vlm_jax.losses.api import (
 from vlm_jax.losses.ring import auto_tile, axis_devices
 
 __all__ = [
-    "softmax_loss", "sigmoid_loss", "unicl_loss", "image_infonce_loss", "filip_loss", "region_word_loss", "filip_sim",
+    "softmax_loss", "sigmoid_loss", "unicl_loss", "image_infonce_loss", "negclip_loss", "filip_loss",
+    "region_word_loss", "filip_sim",
     "IMPLS", "axis_devices", "auto_tile",
 ]

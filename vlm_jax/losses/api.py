@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from vlm_jax.losses import infonce, sigmoid
-from vlm_jax.losses.ring import Axis, auto_tile, axis_devices, axis_tuple, check_tile, dot_t, global_index
+from vlm_jax.losses.ring import Axis, auto_tile, axis_devices, axis_tuple, check_tile, dot_t, global_index, varying
 
 IMPLS = ("all_gather", "ring", "tiled")
 
@@ -310,6 +310,80 @@ def unicl_loss(zimg, ztxt, labels, log_t, *, impl: str = "all_gather", mesh: Mes
     """
     ok = _pair_2d(zimg, ztxt) and labels.shape == zimg.shape[:1]
     return _UNICL((zimg, ztxt, labels.astype(jnp.int32), log_t), ok, impl=impl, mesh=mesh, axis=axis, tile=tile)
+
+
+# --------------------------------------------------------------------------- hard-negative captions (NegCLIP)
+
+
+def _one_direction_spec(inputs, layout) -> infonce.InfoNCESpec:
+    # Weighted with unit anchor weights: each call's sum is divided by its B anchors.
+    return infonce.InfoNCESpec(dot_sim, both=False, exclude=False, denom=inputs[0].shape[0] * layout.n, weighted=True)
+
+
+def _negclip_calls(zi, zt, zn, valid, log_t, layout):
+    """The engine inputs of the two one-directional passes: images against
+    texts and hard negatives (a negative's label, −1 − its row's index, is
+    nobody's; an invalid one weighs 0, so it is no negative), then texts
+    against images."""
+    g = global_index(zi.shape[0], layout.axes)
+    ones = varying(jnp.ones(zi.shape[:1], jnp.float32), layout.axes)
+    neg = -1 - g
+    i2t = (log_t, zi, g, g, jnp.concatenate([zt, zn]), jnp.concatenate([g, neg]), jnp.concatenate([g, neg]),
+           ones, jnp.concatenate([ones, valid]))
+    t2i = (log_t, zt, g, g, zi, g, g, ones, ones)
+    return i2t, t2i
+
+
+def _negclip_gathered(zi, zt, zn, valid, log_t, layout):
+    spec = _one_direction_spec((zi,), layout)
+    i2t, t2i = _negclip_calls(zi, zt, zn, valid, log_t, layout)
+    return 0.5 * (infonce.gathered_loss(*i2t, spec, layout.axes) + infonce.gathered_loss(*t2i, spec, layout.axes))
+
+
+def _negclip_ring(zi, zt, zn, valid, log_t, layout):
+    spec = _one_direction_spec((zi,), layout)
+    i2t, t2i = _negclip_calls(zi, zt, zn, valid, log_t, layout)
+    run = lambda args: infonce.ring_loss(*args, spec, layout.axes, layout.n, layout.tile)  # noqa: E731
+    return 0.5 * (run(i2t) + run(t2i))
+
+
+_NEGCLIP = _Loss("negclip_loss", "zimg, ztxt and znegative all of shape (B, d), negative_valid (B,)", 4,
+                 gathered=_negclip_gathered, ring=_negclip_ring)
+
+
+def negclip_loss(zimg, ztxt, znegative, negative_valid, log_t, *, impl: str = "all_gather",
+                 mesh: Mesh | None = None, axis: Axis = "data", tile: int | None = None) -> jax.Array:
+    r"""CLIP's softmax InfoNCE with one hard-negative caption per pair (NegCLIP,
+    Yuksekgonul et al. 2023): the negatives z^N join the texts every image
+    is scored against, and nothing else changes.
+
+    L = ½ (L_{I→T} + L_{T→I}),
+    L_{I→T} = −(1/B) Σ_i log [ exp(t·z^I_i·z^T_i) /
+              (Σ_j exp(t·z^I_i·z^T_j) + Σ_{j: v_j} exp(t·z^I_i·z^N_j)) ],
+    L_{T→I} = CLIP's (a negative caption has no image, so it is no anchor).
+    ``negative_valid`` (B,) v_j: whether pair j has a negative (a caption with
+    no word to swap has none); with no valid negative the loss is CLIP's.
+
+    Both terms run on the InfoNCE engine as two one-directional passes (one
+    pass cannot serve both: a negative is a column of the first direction
+    and nobody's row in the second).
+    impl="all_gather": the first pass gathers texts and negatives (2·B·d),
+      the second the images (B·d);
+      memory per device: 3·B·d gathered + 3·b·B float32 logits;
+      communication per device: 3·(N−1)·b·d elements forward (and the
+      negatives' labels and validity), the same again backward;
+      FLOPs ≈ 18·B²·d (autodiff: 6·B·C·d for B rows against C columns).
+    impl="ring" / "tiled": texts and negatives travel the ring together in
+      the first pass, images in the second; memory per device O(b·d) + one
+      b×2b block in flight (tile × tile pieces when tiled);
+      communication per device: 3·(N−1)·b·d forward, about three times
+      that backward (each chunk, its statistics and its gradient);
+      FLOPs ≈ 24·B²·d (8·B·C·d per pass: the block recomputed once in the
+      backward), three times CLIP's.
+    """
+    ok = _pair_2d(zimg, ztxt) and _pair_2d(zimg, znegative) and negative_valid.shape == zimg.shape[:1]
+    valid = jax.lax.stop_gradient(negative_valid.astype(jnp.float32))
+    return _NEGCLIP((zimg, ztxt, znegative, valid, log_t), ok, impl=impl, mesh=mesh, axis=axis, tile=tile)
 
 
 # --------------------------------------------------------------------------- SLIP image–image
