@@ -9,8 +9,10 @@ interaction), ``:coca`` (CLIP + a captioning decoder over the image tokens,
 weights 1 and 2; evaluated also by its captions and by generative
 zero-shot), ``:albef`` (CLIP + image–text matching with hard negatives +
 masked language modelling through a fusion encoder, weights 1, 1, 1),
-``:region`` (CLIP + region–word alignment: box-pooled patch tokens against
-the caption's noun phrases, sigmoid form, weights 1 and 1), ``:clippo``
+``:negclip`` (CLIP + a hard-negative caption per pair: one colour, shape,
+size, count or relation word swapped), ``:region`` (CLIP + region–word
+alignment: box-pooled patch tokens against the caption's noun phrases,
+sigmoid form, weights 1 and 1), ``:clippo``
 (one tower: captions rendered as images go through the image tower; byte
 tokens, 48 characters), ``:clippo_sigmoid`` (the same with SigLIP's loss).
 CLIP + masked image modelling (``loss.kind="mae"``) needs a ViT:
@@ -31,6 +33,7 @@ takes 0.92x the time with identical batches, docs/benchmarks.md).
 import math
 
 from vlm_jax.config import base_config, eval_entry
+from vlm_jax.data import scenes
 
 
 def get_config(arg: str = "softmax"):
@@ -39,8 +42,10 @@ def get_config(arg: str = "softmax"):
     if arg in ("sigmoid", "clippo_sigmoid"):
         config.loss.log_t_init = math.log(10.0)
         config.loss.bias_init = -10.0
-    elif arg in ("softmax", "coca", "albef", "mae", "region", "clippo"):
+    elif arg in ("softmax", "coca", "albef", "mae", "region", "clippo", "negclip"):
         config.loss.log_t_init = math.log(30.0)
+    if arg == "negclip":  # one word of each caption swapped within its kind: colour, shape, size, count, relation
+        config.data.negative_words = scenes.WORD_GROUPS
     if arg in ("clippo", "clippo_sigmoid"):  # pages of the tower's input size, the caption's bytes in 10 x 8 px cells
         config.data.tokenizer = "bytes"
         config.model.text.max_len = 48

@@ -28,6 +28,7 @@ NO_STEM = {"model.image.stem": "()", "model.image.patch_size": 4}  # MAE's ViT: 
 @pytest.mark.parametrize("spec,extra,ks", [("configs/default.py", {}, (2, 4)), ("configs/default.py:sigmoid", {}, (2,)),
                                            ("configs/default.py:slip", {}, (2,)), ("configs/default.py:coca", {}, (2,)),
                                            ("configs/default.py:albef", {}, (2,)), ("configs/default.py:region", {}, (2,)),
+                                           ("configs/default.py:negclip", {}, (2,)),
                                            ("configs/vit.py:mae", NO_STEM, (2,))])
 def test_accumulated_gradients_equal_full_batch_gradients(data_dir, spec, extra, ks):
     cfg, run, params, batch = _setup_and_batch(data_dir, spec, **extra)

@@ -350,3 +350,48 @@ def test_a_jpeg_decoded_at_reduced_scale_gives_nearly_the_full_decodes_crop():
         slow = images.train_view(full, args[0], np.random.default_rng(seed), *args[1:])
         assert fast.shape == slow.shape == (56, 56, 3) and fast.dtype == np.uint8
         assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 2.0  # same window and flip, DCT-scaled decode
+
+
+def test_a_hard_negative_swaps_one_word_within_its_group_and_nothing_else():
+    groups = (("red", "green", "blue"), ("circle", "square"), ("left", "right"))
+    rng = np.random.default_rng(0)
+    caption = "a red circle left of a blue square"
+    changed = set()
+    for _ in range(200):
+        negative = pipeline.swap_word(caption, groups, rng)
+        diff = [(w, v) for w, v in zip(caption.split(), negative.split()) if w != v]
+        assert len(negative.split()) == len(caption.split()) and len(diff) == 1, negative
+        (old, new), = diff
+        assert any(old in g and new in g for g in groups)
+        changed.add((old, new))
+    # every word of a group can be the one swapped, to every other word of its group
+    assert {("red", "green"), ("red", "blue"), ("circle", "square"), ("left", "right"), ("blue", "red"),
+            ("square", "circle")} <= changed
+    assert pipeline.swap_word("two purple crosses", groups, rng) is None
+
+
+def test_word_groups_are_checked_with_the_field_named():
+    pipeline.check_word_groups(scenes.WORD_GROUPS)
+    for bad, match in [((), "give groups"), ((("red",),), "at least two distinct"), ((("red", "red"),), "two distinct"),
+                       ((("left of", "right of"),), "without spaces"), ((("a", "b"), ("b", "c")), "in groups 0 and 1")]:
+        with pytest.raises(ValueError, match="config.data.negative_words: .*" + match):
+            pipeline.check_word_groups(bad)
+
+
+def test_negative_captions_come_with_the_same_views_and_are_a_function_of_seed_and_position(data_dir):
+    cfg = _data_cfg(data_dir)
+    cfg.negative_words = scenes.WORD_GROUPS
+    ds = pipeline.open_dataset(cfg)
+    stream = lambda seed, fields: iter(pipeline.train_dataset(ds, cfg, 16, 32, seed=seed, fields=fields))  # noqa: E731
+    a, b = stream(5, ("negative_text",)), stream(5, ("negative_text",))
+    plain = next(stream(5, ()))
+    first = next(a)
+    np.testing.assert_array_equal(next(b)["negative_text"], first["negative_text"])
+    for key in ("image", "text"):  # the negatives draw after every other choice
+        np.testing.assert_array_equal(first[key], plain[key])
+    for text, negative in zip(first["text"], first["negative_text"]):
+        words = tokenizers.detokenize(ds.tokenizer, text).split()
+        swapped = tokenizers.detokenize(ds.tokenizer, negative).split()
+        assert len(words) == len(swapped) and sum(w != v for w, v in zip(words, swapped)) == 1, (words, swapped)
+    other = next(stream(6, ("negative_text",)))
+    assert not np.array_equal(other["negative_text"], first["negative_text"])

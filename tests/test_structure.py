@@ -130,6 +130,8 @@ def test_objective_config_checks_run_at_load(data_dir):
 
     with pytest.raises(ConfigError, match=r"config.data.label_key: loss.kind='unicl' needs a class-label feature"):
         load_tiny_config(data_dir, "configs/default.py:unicl", **{"data.label_key": ""})
+    with pytest.raises(ConfigError, match=r"config.data.negative_words: give groups .*loss.kind='negclip'"):
+        load_tiny_config(data_dir, "configs/default.py:negclip", **{"data.negative_words": "()"})
     with pytest.raises(ConfigError, match=r"config.loss.kind: must be one of"):
         load_tiny_config(data_dir, **{"loss.kind": "nope"})
 

@@ -46,13 +46,15 @@ def test_sigmoid_run_learns_and_logs_bias(data_dir, tmp_path):
 KINDS = {"softmax": "configs/default.py", "sigmoid": "configs/default.py:sigmoid", "unicl": "configs/default.py:unicl",
          "slip": "configs/default.py:slip", "filip": "configs/default.py:filip", "coca": "configs/default.py:coca",
          "albef": "configs/default.py:albef", "mae": "configs/vit.py:mae", "region": "configs/default.py:region",
-         "clippo": "configs/default.py:clippo", "clippo_sigmoid": "configs/default.py:clippo_sigmoid"}
+         "clippo": "configs/default.py:clippo", "clippo_sigmoid": "configs/default.py:clippo_sigmoid",
+         "negclip": "configs/default.py:negclip"}
 # MAE drops patch tokens: a ViT without a stem only (a ResNet or a stem is refused, tests/test_mae.py).
 # CLIPPO renders byte tokens onto the tiny towers' 32 px pages: 5 × 4 cells of 8 × 6 px.
 # The tiny ResNet learns to read the pages more slowly: it gets 16 steps.
 _PAGES = {"data.tokenizer": "bytes", "model.text.max_len": 20, "loss.render_cell": "(8, 6)", "loss.render_font_size": 8}
 _PAGES_RESNET = {**_PAGES, "train.steps": 16}
-ONLY = {"mae": {"vit": {"model.image.stem": "()", "model.image.patch_size": 4}},
+# NegCLIP's negatives act on the text side and the loss only: the ViT cells suffice.
+ONLY = {"mae": {"vit": {"model.image.stem": "()", "model.image.patch_size": 4}}, "negclip": {"vit": {}},
         "clippo": {"vit": _PAGES, "resnet": _PAGES_RESNET}, "clippo_sigmoid": {"vit": _PAGES, "resnet": _PAGES_RESNET}}
 
 
@@ -101,6 +103,8 @@ def test_every_tower_objective_and_impl_trains(data_dir, tmp_path, tower, kind, 
         assert rows[-1]["train/mae_loss"] < rows[0]["train/mae_loss"]
     if kind == "region":
         assert rows[-1]["train/region_loss"] < rows[0]["train/region_loss"]
+    if kind == "negclip":  # every caption of the embedded data has words to swap
+        assert rows[-1]["train/negatives"] == 1.0
 
 
 def test_evaluate_cli_reproduces_the_final_metrics(trained_softmax, data_dir, capsys):

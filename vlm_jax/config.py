@@ -78,6 +78,9 @@ def base_config() -> ConfigDict:
     c.data.max_phrases = 2
     c.data.box_min_visible = 0.5  # a box less visible than this in a training crop leaves the loss
     c.data.background_phrase = "background"
+    # Hard-negative captions (the "negative_text" field: NegCLIP): groups of interchangeable
+    # words, e.g. (("red", "green", ...), ("circle", "square", ...)); a negative swaps one word within its group.
+    c.data.negative_words = ()
 
     c.model = ConfigDict()
     c.model.embed_dim = 64

@@ -132,7 +132,9 @@ def _text(value) -> str:
 # "regions" reads the grounding features ``objects`` ({bbox, label}) and
 # ``phrases`` ({start, end, objects}: a character span of the caption and a
 # bit mask of the objects it names), as the embedded dataset has them.
-EXAMPLE_FIELDS = {"label": "label_key", "regions": "", "weight": ""}
+# "negative_text" is a hard-negative caption (``swap_word`` with the word
+# groups of config.data.negative_words; all padding when no word can swap).
+EXAMPLE_FIELDS = {"label": "label_key", "regions": "", "weight": "", "negative_text": ""}
 PAIR_WEIGHT = "_pair_weight"  # what an IndexedSource with weights adds to each example
 
 # Region and phrase keys (``regions``): a class label >= 0, or one of these.
@@ -174,6 +176,43 @@ def regions(ex, caption: str, view: images.View, tok: tokenizers.Tokenizer, text
     tokens[: len(texts)] = tokenizers.tokenize(tok, texts, text_len) if texts else tokens[:0]
     tokens[npr] = tokenizers.tokenize(tok, [data_cfg.background_phrase], text_len)[0]
     return {"boxes": out_boxes, "box_labels": box_labels, "phrases": tokens, "phrase_labels": phrase_labels}
+
+
+def swap_word(caption: str, groups: Sequence[Sequence[str]], rng: np.random.Generator) -> str | None:
+    """A hard-negative caption: one word of ``caption`` that belongs to one
+    of ``groups`` (interchangeable words of one kind: colours, shapes,
+    counts), chosen uniformly among such words, replaced by another word of
+    its group, chosen uniformly. None when no word is in a group (then
+    nothing is drawn). Words are split at single spaces and compared as
+    they are, so the rest of the caption is kept character for character."""
+    words = caption.split(" ")
+    group_of = {w: g for g in groups for w in g}
+    at = [i for i, w in enumerate(words) if w in group_of]
+    if not at:
+        return None
+    i = at[int(rng.integers(len(at)))]
+    others = [w for w in group_of[words[i]] if w != words[i]]
+    words[i] = others[int(rng.integers(len(others)))]
+    return " ".join(words)
+
+
+def check_word_groups(groups, field: str = "config.data.negative_words") -> None:
+    """Raises a ValueError naming ``field`` unless ``groups`` is a non-empty
+    sequence of groups of at least two distinct single words, no word in two
+    groups."""
+    if not groups or isinstance(groups, str):
+        raise ValueError(f"{field}: give groups of interchangeable words, e.g. "
+                         f"(('red', 'green', 'blue'), ('circle', 'square')); got {groups!r}")
+    seen: dict[str, int] = {}
+    for k, group in enumerate(groups):
+        words = [group] if isinstance(group, str) else list(group)
+        if len(set(words)) < 2 or any(not isinstance(w, str) or not w or " " in w for w in words):
+            raise ValueError(f"{field}: group {k} {tuple(words)!r} must hold at least two distinct words without "
+                             f"spaces")
+        for w in words:
+            if w in seen and seen[w] != k:
+                raise ValueError(f"{field}: {w!r} is in groups {seen[w]} and {k}; a word may be in one group only")
+            seen[w] = k
 
 
 def first_caption(ex, data_cfg) -> str:
@@ -221,6 +260,10 @@ class _Preprocess(grain.transforms.RandomMap):
                 out.update(regions(ex, _text(caption), view, self._tok, self._len, cfg))
             elif field == "weight":  # the curated index's per-pair loss weight
                 out[field] = np.float32(ex[PAIR_WEIGHT])
+            elif field == "negative_text":  # drawn after every other choice: the views stay as without it
+                negative = swap_word(_text(caption), cfg.negative_words, rng)
+                out[field] = (np.full((self._len,), tokenizers.PAD_ID, np.int32) if negative is None
+                              else tokenizers.tokenize(self._tok, [negative], self._len)[0])
             else:
                 out[field] = np.int32(ex[cfg[EXAMPLE_FIELDS[field]]])
         return out
@@ -352,6 +395,8 @@ def check_fields(ds: Dataset, data_cfg, fields: Sequence[str]) -> None:
         raise ValueError(f"config.data.label_key={data_cfg.label_key!r} names no class-label feature of the dataset")
     if "regions" in fields:
         check_grounding(ds, data_cfg)
+    if "negative_text" in fields:
+        check_word_groups(data_cfg.negative_words)
     if "weight" in fields and not (data_cfg.index_file and data_cfg.index_weights):
         raise ValueError("config.data.index_weights: per-pair weights come from a curated index; set "
                          "config.data.index_file (python -m vlm_jax.curate --weight_floor F) and index_weights=True")

@@ -19,6 +19,7 @@ from vlm_jax.objectives.coca import CoCa
 from vlm_jax.objectives.distill import Distill
 from vlm_jax.objectives.filip import FILIP
 from vlm_jax.objectives.mae import MAE
+from vlm_jax.objectives.negclip import NegCLIP
 from vlm_jax.objectives.region import RegionWord
 from vlm_jax.objectives.siglip import SigLIP
 from vlm_jax.objectives.slip import SLIP
@@ -28,6 +29,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "softmax": CLIP,
     "sigmoid": SigLIP,
     "unicl": UniCL,
+    "negclip": NegCLIP,
     "slip": SLIP,
     "filip": FILIP,
     "coca": CoCa,
