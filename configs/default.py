@@ -10,7 +10,7 @@ weights 1 and 2; evaluated also by its captions and by generative
 zero-shot), ``:albef`` (CLIP + image–text matching with hard negatives +
 masked language modelling through a fusion encoder, weights 1, 1, 1),
 ``:negclip`` (CLIP + a hard-negative caption per pair: one colour, shape,
-size, count or relation word swapped), ``:region`` (CLIP + region–word
+size or count word swapped), ``:region`` (CLIP + region–word
 alignment: box-pooled patch tokens against the caption's noun phrases,
 sigmoid form, weights 1 and 1), ``:clippo``
 (one tower: captions rendered as images go through the image tower; byte
@@ -44,7 +44,7 @@ def get_config(arg: str = "softmax"):
         config.loss.bias_init = -10.0
     elif arg in ("softmax", "coca", "albef", "mae", "region", "clippo", "negclip"):
         config.loss.log_t_init = math.log(30.0)
-    if arg == "negclip":  # one word of each caption swapped within its kind: colour, shape, size, count, relation
+    if arg == "negclip":  # one word of each caption swapped within its kind: colour, shape, size or count
         config.data.negative_words = scenes.WORD_GROUPS
     if arg in ("clippo", "clippo_sigmoid"):  # pages of the tower's input size, the caption's bytes in 10 x 8 px cells
         config.data.tokenizer = "bytes"

@@ -40,12 +40,13 @@ RELATIONS = ("left of", "right of", "above", "below")
 COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
 SCENE_KINDS = ("single", "count", "relation")
 
-# The caption grammar's interchangeable words, by kind (hard-negative
-# captions swap one within its group: config.data.negative_words). The
-# relations' groups swap "left of" with "right of" and "above" with "below".
+# The caption grammar's interchangeable attribute words, by kind
+# (hard-negative captions swap one within its group:
+# config.data.negative_words). Relations are left out: swapping "left" and
+# "right" as well cost the NegCLIP run zero-shot accuracy (docs/losses.md).
 WORD_GROUPS: tuple[tuple[str, ...], ...] = (
     tuple(COLOURS), SHAPES, tuple(s + ("es" if s.endswith("s") else "s") for s in SHAPES), SIZES,
-    tuple(COUNT_WORDS.values()), ("left", "right"), ("above", "below"),
+    tuple(COUNT_WORDS.values()),
 )
 
 # Colour–shape pairs never drawn in the train split. Every colour and every
