@@ -315,9 +315,9 @@ def unicl_loss(zimg, ztxt, labels, log_t, *, impl: str = "all_gather", mesh: Mes
 # --------------------------------------------------------------------------- hard-negative captions (NegCLIP)
 
 
-def _one_direction_spec(inputs, layout) -> infonce.InfoNCESpec:
-    # Weighted with unit anchor weights: each call's sum is divided by its B anchors.
-    return infonce.InfoNCESpec(dot_sim, both=False, exclude=False, denom=inputs[0].shape[0] * layout.n, weighted=True)
+def _one_direction_spec(rows: int, layout) -> infonce.InfoNCESpec:
+    # Weighted, with unit anchor weights: each pass's sum is divided by its B anchors.
+    return infonce.InfoNCESpec(dot_sim, both=False, exclude=False, denom=rows * layout.n, weighted=True)
 
 
 def _negclip_calls(zi, zt, zn, valid, log_t, layout):
@@ -335,13 +335,13 @@ def _negclip_calls(zi, zt, zn, valid, log_t, layout):
 
 
 def _negclip_gathered(zi, zt, zn, valid, log_t, layout):
-    spec = _one_direction_spec((zi,), layout)
+    spec = _one_direction_spec(zi.shape[0], layout)
     i2t, t2i = _negclip_calls(zi, zt, zn, valid, log_t, layout)
     return 0.5 * (infonce.gathered_loss(*i2t, spec, layout.axes) + infonce.gathered_loss(*t2i, spec, layout.axes))
 
 
 def _negclip_ring(zi, zt, zn, valid, log_t, layout):
-    spec = _one_direction_spec((zi,), layout)
+    spec = _one_direction_spec(zi.shape[0], layout)
     i2t, t2i = _negclip_calls(zi, zt, zn, valid, log_t, layout)
     run = lambda args: infonce.ring_loss(*args, spec, layout.axes, layout.n, layout.tile)  # noqa: E731
     return 0.5 * (run(i2t) + run(t2i))
