@@ -1,8 +1,12 @@
-"""The loss-scaling benchmark runs at tiny sizes and writes sane CSV, table and plots."""
+"""The loss-scaling benchmark runs at tiny sizes and writes sane CSV, table and
+plots; the throughput benchmark's synthetic batch is shaped as the real one."""
 
 import csv
 import os
 
+import pytest
+
+from conftest import load_tiny_config
 from vlm_jax.bench import loss_scaling
 
 
@@ -50,3 +54,17 @@ def test_cost_models():
     assert loss_scaling.comm_bytes_per_device("sigmoid", "ring", 8, 2, 4, 4) == 3 * 2 * 2 * 4 + 4 * 2 * 2 * 4
     assert loss_scaling.comm_bytes_per_device("sigmoid", "all_gather", 8, 2, 4, 4) == 2 * 3 * 2 * 2 * 4
     assert loss_scaling.comm_bytes_per_device("softmax", "ring", 8, 2, 1, 4) == 0.0
+
+
+@pytest.mark.parametrize("spec", ["configs/default.py:unicl", "configs/default.py:negclip"])
+def test_the_synthetic_batch_has_the_train_streams_fields_and_shapes(spec, data_dir):
+    from vlm_jax import session
+    from vlm_jax.bench.throughput import synthetic_batch
+    from vlm_jax.data import pipeline
+
+    cfg = load_tiny_config(data_dir, spec)
+    run = session.setup(cfg)
+    real = next(iter(pipeline.train_dataset(run.ds, cfg.data, cfg.model.text.max_len, 4, 0, fields=run.fields,
+                                            augment=run.objective.augment)))
+    fake = synthetic_batch(cfg, run, 4)
+    assert {k: (v.shape, v.dtype) for k, v in fake.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}

@@ -52,7 +52,8 @@ def matmul_peak_flops(mesh, dtype: str = "float32", size: int = 2048, reps: int 
 
 def synthetic_batch(config, run, batch: int, seed: int = 0) -> dict:
     """A host batch with every field the objective asks for: random pixels and
-    tokens (EOS last), random labels, and the objective's own augmentation."""
+    tokens (EOS last), random labels and pair weights, the other rows'
+    captions as negative captions, and the objective's own augmentation."""
     import numpy as np
 
     size, length = config.data.image_size, config.model.text.max_len
@@ -61,7 +62,12 @@ def synthetic_batch(config, run, batch: int, seed: int = 0) -> dict:
     tokens[:, -1] = run.ds.tokenizer.eos_id
     host = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8), "text": tokens}
     for field in run.fields:
-        host[field] = rng.random(batch, dtype=np.float32) if field == "weight" else rng.integers(0, 10, batch).astype(np.int32)
+        if field == "weight":
+            host[field] = rng.random(batch, dtype=np.float32)
+        elif field == "negative_text":  # another example's caption: a row of tokens like "text"
+            host[field] = tokens[rng.permutation(batch)]
+        else:
+            host[field] = rng.integers(0, 10, batch).astype(np.int32)
     if run.objective.augment is not None:
         rows = [run.objective.augment({k: v[i] for k, v in host.items()}, rng) for i in range(batch)]
         host = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
