@@ -56,7 +56,8 @@ def test_cost_models():
     assert loss_scaling.comm_bytes_per_device("softmax", "ring", 8, 2, 1, 4) == 0.0
 
 
-@pytest.mark.parametrize("spec", ["configs/default.py:unicl", "configs/default.py:negclip"])
+@pytest.mark.parametrize("spec", ["configs/default.py:unicl", "configs/default.py:negclip",
+                                  "configs/default.py:region"])
 def test_the_synthetic_batch_has_the_train_streams_fields_and_shapes(spec, data_dir):
     from vlm_jax import session
     from vlm_jax.bench.throughput import synthetic_batch

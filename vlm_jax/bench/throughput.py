@@ -50,6 +50,24 @@ def matmul_peak_flops(mesh, dtype: str = "float32", size: int = 2048, reps: int 
     return 2.0 * n * size ** 3 / min(times)
 
 
+def synthetic_regions(data_cfg, tokens, rng) -> dict:
+    """Random grounding in ``pipeline.regions``' layout for a batch of
+    ``tokens``: every box slot filled (corners in [0, 1], ordered), class
+    keys in [0, 10), the phrase slots the rows' captions, the last slot keyed
+    as background."""
+    import numpy as np
+
+    from vlm_jax.data import pipeline
+
+    b, length = tokens.shape
+    nb, npr = data_cfg.max_boxes, data_cfg.max_phrases
+    corners = np.sort(rng.random((b, nb, 2, 2), dtype=np.float32), axis=2)  # (y, x) low, then high
+    phrase_labels = rng.integers(0, 10, (b, npr + 1)).astype(np.int32)
+    phrase_labels[:, npr] = pipeline.BACKGROUND
+    return {"boxes": corners.reshape(b, nb, 4), "box_labels": rng.integers(0, 10, (b, nb)).astype(np.int32),
+            "phrases": np.repeat(tokens[:, None, :], npr + 1, axis=1), "phrase_labels": phrase_labels}
+
+
 def synthetic_batch(config, run, batch: int, seed: int = 0) -> dict:
     """A host batch with every field the objective asks for: random pixels and
     tokens (EOS last), random labels and pair weights, the other rows'
@@ -66,6 +84,8 @@ def synthetic_batch(config, run, batch: int, seed: int = 0) -> dict:
             host[field] = rng.random(batch, dtype=np.float32)
         elif field == "negative_text":  # another example's caption: a row of tokens like "text"
             host[field] = tokens[rng.permutation(batch)]
+        elif field == "regions":  # pipeline.regions' layout: boxes and phrases with class keys, background last
+            host.update(synthetic_regions(config.data, tokens, rng))
         else:
             host[field] = rng.integers(0, 10, batch).astype(np.int32)
     if run.objective.augment is not None:
