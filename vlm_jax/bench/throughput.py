@@ -59,7 +59,7 @@ def synthetic_regions(data_cfg, tokens, rng) -> dict:
 
     from vlm_jax.data import pipeline
 
-    b, length = tokens.shape
+    b = tokens.shape[0]
     nb, npr = data_cfg.max_boxes, data_cfg.max_phrases
     corners = np.sort(rng.random((b, nb, 2, 2), dtype=np.float32), axis=2)  # (y, x) low, then high
     phrase_labels = rng.integers(0, 10, (b, npr + 1)).astype(np.int32)
