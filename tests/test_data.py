@@ -60,6 +60,11 @@ def test_sentencepiece_tokenizer_fitted_on_train_captions(data_dir):
         tokenizers.make_tokenizer("sentencepiece", data_dir + "/nope.model")
 
 
+def test_tokenizer_captions_drawn_small_are_the_stored_scenes_captions():
+    # prepare() fits the tokenizer on scenes drawn at 16 px; the dataset stores them at 64 px.
+    assert list(scenes.train_captions(0, 200)) == [scenes.make_scene(0, "train", i).caption for i in range(200)]
+
+
 def test_another_vocab_size_fits_its_own_tokenizer_instead_of_reusing_one(data_dir):
     from vlm_jax.data import shapes_tfds
 

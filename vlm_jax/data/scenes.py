@@ -250,7 +250,9 @@ def iter_scenes(seed: int, split: str, num: int, image_size: int = 64) -> Iterat
 
 
 def train_captions(seed: int, num: int) -> Iterator[str]:
-    """Captions of the train split, for fitting a tokenizer (no images drawn)."""
+    """Captions of the train split, for fitting a tokenizer: the scenes are
+    drawn at 16 px, a fraction of the cost, since no random choice that
+    shapes a caption depends on the image size."""
     for _, scene in iter_scenes(seed, "train", num, image_size=16):
         yield scene.caption
 

@@ -121,6 +121,5 @@ def prepare(data_dir: str, config_name: str = "default", vocab_size: int = VOCAB
         from vlm_jax.data import tokenizers  # local import: sentencepiece only when needed
 
         cfg = b.builder_config
-        captions = (s.caption for _, s in scenes.iter_scenes(cfg.seed, "train", cfg.num_train, IMAGE_SIZE))
-        tokenizers.train_sentencepiece(captions, path, vocab_size=vocab_size)
+        tokenizers.train_sentencepiece(scenes.train_captions(cfg.seed, cfg.num_train), path, vocab_size=vocab_size)
     return b
