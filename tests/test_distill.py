@@ -32,6 +32,7 @@ def test_kl_terms_match_numpy():
     assert float(kl_rows(jnp.asarray(t), jnp.asarray(t), 1)) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_the_student_trains_beside_a_frozen_teacher(trained_softmax, data_dir, tmp_path):
     teacher, _ = trained_softmax
     cfg = _config(teacher, data_dir, **{"train.steps": 6, "train.eval_every": 0, "train.checkpoint_every": 6,

@@ -170,6 +170,7 @@ def _own_overrides(data_dir, **extra):
     return out
 
 
+@pytest.mark.slow
 def test_twenty_steps_on_ingested_shards_and_a_kill_reproduces_them(shards_dataset, tmp_path):
     data_dir, _, _ = shards_dataset
     overrides = _own_overrides(data_dir)

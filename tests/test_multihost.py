@@ -36,6 +36,7 @@ def _assert_same_metrics(rows, reference):
                 assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (got["step"], key)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(trained_softmax, data_dir, tmp_path):
     _, reference = trained_softmax  # one process, 8 devices, the same config
     workdir = str(tmp_path / "multihost")

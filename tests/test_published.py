@@ -47,6 +47,7 @@ def test_unknown_published_name_is_a_clear_error():
 
 # openclip_vit_b32/b16/l14 have the shapes of clip_vit_* (only the activation
 # differs); clip_rn101 differs from clip_rn50 in depth alone
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(n for n in PUBLISHED if n not in ("openclip_vit_b32", "openclip_vit_b16",
                                                                          "openclip_vit_l14", "clip_rn101")))
 def test_every_published_shape_loads_initialises_and_trains_a_step_at_depth_one(name, data_dir):

@@ -137,6 +137,7 @@ def test_evaluate_reports_a_damaged_step(trained_softmax, data_dir, tmp_path):
 # --------------------------------------------------------------------------- preemption
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_restart_equals_the_uninterrupted_run(trained_softmax, data_dir, tmp_path):
     _, reference = trained_softmax
     workdir = str(tmp_path / "preempted")

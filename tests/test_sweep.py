@@ -30,6 +30,7 @@ def _sweep_cmd(data_dir, out):
             + AXES + tiny_overrides(data_dir, **SMALL))
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_and_every_arm_equals_its_run_alone(data_dir, tmp_path):
     out = str(tmp_path / "sweep")
     cmd = _sweep_cmd(data_dir, out)

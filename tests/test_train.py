@@ -83,6 +83,7 @@ def _cells():
                 yield tower, kind, "tiled", 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tower,kind,impl,tile", list(_cells()))
 def test_every_tower_objective_and_impl_trains(data_dir, tmp_path, tower, kind, impl, tile):
     # Two data devices: the impls' collectives run; 1, 2, 4 and 8 devices are test_losses.py's (and 8
@@ -116,6 +117,7 @@ def test_evaluate_cli_reproduces_the_final_metrics(trained_softmax, data_dir, ca
     assert "zeroshot/test_seen/top1" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sigkill_and_restart_reproduce_the_uninterrupted_run(trained_softmax, data_dir, tmp_path):
     _, reference = trained_softmax
     workdir = str(tmp_path / "killed")

@@ -224,6 +224,7 @@ def _tiny_published(data_dir, family, **extra):
     return load_tiny_config(data_dir, f"configs/published.py:{PUBLISHED[family]}", **values)
 
 
+@pytest.mark.slow
 def test_convert_writes_a_workdir_that_evaluate_train_and_lit_take(data_dir, tmp_path):
     c = _tiny_published(data_dir, "clip")
     params, objective = random_params(c)
