@@ -154,6 +154,7 @@ def test_balancing_clusters_and_rank_weights_match_direct_computations():
     np.testing.assert_array_equal(found, curate.spherical_kmeans(emb, 3, seed=0))
 
 
+@pytest.mark.slow
 def test_a_balanced_weighted_index_feeds_its_weights_to_the_loss(trained_softmax, noisy_dir, tmp_path):
     from vlm_jax import metrics, train
 

@@ -221,6 +221,7 @@ def test_extending_the_run_needs_no_flag(trained_softmax, data_dir, tmp_path):
     assert metrics.read_metrics(workdir)[-1]["step"] == 26
 
 
+@pytest.mark.slow
 def test_resuming_on_half_the_devices_continues_the_same_batches(trained_softmax, data_dir, tmp_path):
     _, reference = trained_softmax  # 8 devices
     workdir = _copy(trained_softmax[0], tmp_path)

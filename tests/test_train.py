@@ -35,6 +35,7 @@ def test_softmax_run_learns_and_logs_everything(trained_softmax):
     assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
 
 
+@pytest.mark.slow
 def test_sigmoid_run_learns_and_logs_bias(data_dir, tmp_path):
     cfg = load_tiny_config(data_dir, "configs/default.py:sigmoid", **{"train.steps": 12})
     train.train(cfg, str(tmp_path))
