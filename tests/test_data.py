@@ -28,6 +28,21 @@ def test_withheld_compositions_never_appear_in_train_and_form_the_unseen_split()
         assert mentioned[0][1] == names[s.label]  # the label is the composition named first
 
 
+def test_the_validation_split_is_drawn_like_train_from_scenes_train_never_shows(data_dir):
+    from vlm_jax.data import shapes_tfds
+
+    withheld = [f"{c} {s}" for c, s in scenes.WITHHELD]
+    train = {s.image_png for _, s in scenes.iter_scenes(0, "train", 1500, image_size=16)}
+    kinds = set()
+    for _, s in scenes.iter_scenes(0, "validation", 500, image_size=16):
+        assert not any(w in s.caption for w in withheld), s.caption
+        assert s.image_png not in train
+        kinds.add(s.kind)
+    assert kinds == set(scenes.SCENE_KINDS)
+    sizes = {k: v.num_examples for k, v in shapes_tfds.builder(data_dir, "tiny").info.splits.items()}
+    assert sizes == {"train": 1024, "test_seen": 256, "test_unseen": 256, "validation": 256}
+
+
 def test_captions_state_counts_and_relations():
     seen = {"count": False, "relation": False}
     for _, s in scenes.iter_scenes(3, "train", 300, image_size=16):

@@ -1,6 +1,7 @@
 """Evaluators from config.evals: built once, compiled once, keyed as before,
 scored by the objective's own similarity."""
 
+import importlib.util
 import json
 import os
 
@@ -76,6 +77,28 @@ def test_evaluate_cli_evaluates_an_earlier_step(trained_softmax, data_dir, capsy
     with pytest.raises(SystemExit, match=r"--step 3: .* holds checkpoints \[20, 24\]"):
         evaluate.main(["--config", "configs/default.py", "--workdir", workdir, "--step", "3"]
                       + tiny_overrides(data_dir))
+
+
+def _experiment(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_template_subsets_score_as_the_zero_shot_entry_given_only_those_templates(trained_softmax, data_dir):
+    workdir, _ = trained_softmax
+    templates = ("a {}", "a small {}", "a large {}")
+    got = _experiment("template_selection").subset_scores(workdir, "validation", templates)
+    assert sorted(got) == [(0,), (0, 1), (0, 1, 2), (0, 2), (1,), (1, 2), (2,)]
+    for subset in [(1,), (0, 2), (0, 1, 2)]:
+        cfg = load_tiny_config(data_dir, **{"evals.zeroshot.templates": str(tuple(templates[i] for i in subset)),
+                                            "evals.zeroshot.splits": "('validation',)", "evals.retrieval.splits": "()"})
+        run = session.setup(cfg)
+        _, params = session.restore_params(cfg, run, workdir)
+        want = evaluators.Suite(cfg, run.mesh, run.objective.embedder(), run.ds).run(params)
+        assert {f"zeroshot/validation/{k}": v for k, v in got[subset].items()} == want
+    assert len({tuple(sorted(m.items())) for m in got.values()}) > 1  # the subsets do score differently
 
 
 # --------------------------------------------------------------------------- metrics and FILIP's similarity

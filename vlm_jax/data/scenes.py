@@ -5,7 +5,8 @@ reproducible bit for bit and can be generated in any order. Captions state
 attributes (colour, shape, size), spatial relations and counts. Some
 colour–shape compositions are withheld from training: the ``test_unseen`` split
 is built around them, so zero-shot accuracy there measures composition, not
-memorisation.
+memorisation. A ``validation`` split, drawn like ``train`` but disjoint from it,
+is for choosing hyperparameters and prompts without reading the test splits.
 
 Dense annotations come with every scene, exact by construction: each object
 is drawn a second time, with the same primitive and coordinates, into an
@@ -60,7 +61,11 @@ WITHHELD: tuple[tuple[str, str], ...] = (
     ("white", "circle"),
 )
 
-SPLITS = ("train", "test_seen", "test_unseen")
+# "validation" is drawn exactly as "train" is (the seen compositions) from a
+# random stream of its own, so no scene of it is a training scene: choices
+# made on it (hyperparameters, prompt templates) leave the test splits unread.
+# Appended last, so the other splits' streams, and their scenes, are unchanged.
+SPLITS = ("train", "test_seen", "test_unseen", "validation")
 _SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
 
 

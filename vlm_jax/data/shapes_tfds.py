@@ -31,12 +31,14 @@ class ShapesConfig(tfds.core.BuilderConfig):
 class VlmShapes(tfds.core.GeneratorBasedBuilder):
     """Coloured-shape scenes with captions; see ``vlm_jax.data.scenes``."""
 
-    VERSION = tfds.core.Version("2.0.0")
+    VERSION = tfds.core.Version("2.1.0")
     RELEASE_NOTES = {
         "1.0.0": "First release.",
         "2.0.0": "Dense annotations: instance masks, object boxes and labels, caption phrase spans linked to "
                  "objects; the 'swapped' flag and the noisy30 configs (30 % of train captions another scene's). "
                  "Images, captions and labels of the clean configs are those of 1.0.0, bit for bit.",
+        "2.1.0": "A validation split (num_test scenes drawn like train's, none of them a train scene), for choices "
+                 "that must not read the test splits. Every decoded example of the other splits equals 2.0.0's.",
     }
     BUILDER_CONFIGS = [
         ShapesConfig(name="default", description="30k train scenes", num_train=30_000, num_test=1_000),
@@ -78,7 +80,8 @@ class VlmShapes(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager  # procedurally generated: nothing to download
         cfg = self.builder_config
-        sizes = {"train": cfg.num_train, "test_seen": cfg.num_test, "test_unseen": cfg.num_test}
+        sizes = {"train": cfg.num_train, "test_seen": cfg.num_test, "test_unseen": cfg.num_test,
+                 "validation": cfg.num_test}
         return {split: self._generate_examples(split, n) for split, n in sizes.items()}
 
     def _generate_examples(self, split: str, num: int):

@@ -20,7 +20,7 @@ Cost: one decoder pass per (image, prompt) pair.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
@@ -122,6 +122,8 @@ class GenerativeZeroShot(ZeroShot):
         captioner = _require_captioner(self)
         self._logprob = self.encoder.compile(captioner.caption_logprob)
 
-    def class_scores(self, params, split: str, keep: np.ndarray) -> np.ndarray:
+    def class_scores(self, params, split: str, keep: np.ndarray,
+                     templates: Sequence[int] | None = None) -> np.ndarray:
         logp = self.encoder.run(self._logprob, params, self.data(split)["image"][keep], self.prompt_tokens)
-        return logp.reshape(len(logp), len(self.class_names), len(self.template_list)).mean(axis=2)
+        per_template = logp.reshape(len(logp), len(self.class_names), len(self.template_list))
+        return (per_template if templates is None else per_template[:, :, list(templates)]).mean(axis=2)

@@ -141,19 +141,30 @@ class ZeroShot(Evaluator):
         prompts = [t.format(name) for name in names for t in self.template_list]
         self.prompt_tokens = tokenizers.tokenize(self.ctx.tokenizer, prompts, self.ctx.text_len)
 
-    def class_scores(self, params, split: str, keep: np.ndarray) -> np.ndarray:
-        """(kept examples, classes) scores: the embedder's similarity to the prompts."""
+    def class_scores(self, params, split: str, keep: np.ndarray,
+                     templates: Sequence[int] | None = None) -> np.ndarray:
+        """(kept examples, classes) scores: the embedder's similarity to the
+        prompts of every template, or of the ``templates`` (indices into the
+        template list) only."""
         img = self.encode_images(params, split)
         prompts = self.ctx.encoded(("prompts", self.name), lambda: self.encoder.texts(params, self.prompt_tokens))
+        used = list(range(len(self.template_list))) if templates is None else list(templates)
+        if used != list(range(len(self.template_list))):
+            rows = np.asarray([c * len(self.template_list) + t for c in range(len(self.class_names)) for t in used])
+            prompts = jax.tree_util.tree_map(lambda x: x[rows], prompts)  # still class-major
         kept = jax.tree_util.tree_map(lambda x: x[keep], img)
-        return self.ctx.embedder.class_scores(kept, prompts, len(self.class_names), len(self.template_list))
+        return self.ctx.embedder.class_scores(kept, prompts, len(self.class_names), len(used))
 
-    def evaluate_split(self, params, split: str) -> Metrics:
+    def evaluate_split(self, params, split: str, templates: Sequence[int] | None = None) -> Metrics:
+        """Metrics of ``split`` with every template pooled, or the
+        ``templates`` (indices into the template list) only: choosing
+        templates on a split that is not a test split
+        (``experiments/template_selection.py``)."""
         data = self.data(split)
         keep = data[self.entry.filter_key].astype(bool) if self.entry.filter_key else np.ones(len(data["image"]), bool)
         if not keep.any():
             return {}
-        scores = self.class_scores(params, split, keep)
+        scores = self.class_scores(params, split, keep, templates)
         metrics, per_class = classification_metrics(scores, data[self.label_key][keep].astype(np.int32),
                                                     self.class_names)
         self.details[split] = {"per_class_top1": per_class}
