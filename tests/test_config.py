@@ -92,3 +92,42 @@ def test_rule_regexes_are_checked():
     c.train.freeze = ("^image/(",)
     with pytest.raises(config_lib.ConfigError, match=r"config.train.freeze\[0\]: '\^image/\(' is not a regular expression"):
         config_lib.check_config(c)
+
+
+def _schedule_reference(kind, lr, warmup, total, end_fraction, decay_fraction):
+    """float64: the learning rate of every step 0 … total − 1, written out."""
+    import numpy as np
+
+    end = lr * end_fraction
+    out = []
+    for s in range(total):
+        if s < warmup:
+            out.append(lr * s / warmup)
+        elif kind == "cosine":
+            out.append(end + (lr - end) * 0.5 * (1 + np.cos(np.pi * (s - warmup) / (total - warmup))))
+        else:
+            decay = round(decay_fraction * total)
+            out.append(lr if s < total - decay else lr + (end - lr) * (s - (total - decay)) / decay)
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "wsd"])
+def test_learning_rate_schedules_follow_their_formulas(kind):
+    import numpy as np
+
+    from vlm_jax import optim
+
+    cfg = config_lib.load_config("configs/default.py", [f"optim.schedule={kind}", "optim.lr=0.003",
+                                                        "optim.warmup_steps=10", "optim.end_lr_fraction=0.1",
+                                                        "optim.decay_fraction=0.25", "train.steps=120"])
+    schedule = optim.learning_rate_schedule(cfg.optim, cfg.train.steps)
+    got = np.asarray([schedule(s) for s in range(120)], np.float64)
+    np.testing.assert_allclose(got, _schedule_reference(kind, 0.003, 10, 120, 0.1, 0.25), rtol=1e-5, atol=1e-9)
+    if kind == "wsd":  # the peak is held until the last quarter, where the cosine has long decayed
+        assert got[89] == pytest.approx(0.003) and got[89] > 2 * _schedule_reference("cosine", 0.003, 10, 120, 0.1,
+                                                                                     0.25)[89]
+
+
+def test_an_unknown_schedule_names_the_field_and_the_choices(tmp_path):
+    msg = _run(tmp_path / "w", "--config.optim.schedule=linear")
+    assert "optim.schedule" in msg and "cosine" in msg and "wsd" in msg

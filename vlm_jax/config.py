@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from vlm_jax import evaluators, losses, models, objectives
+from vlm_jax import evaluators, losses, models, objectives, optim
 from vlm_jax import workdir as workdir_lib
 from vlm_jax.data import images, tokenizers
 from vlm_jax.errors import ConfigError, first_line, require, unknown_field
@@ -110,6 +110,8 @@ def base_config() -> ConfigDict:
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
     c.optim.end_lr_fraction = 0.0
+    c.optim.schedule = "cosine"  # after the warm-up: a key of optim.SCHEDULES ("cosine" | "wsd")
+    c.optim.decay_fraction = 0.2  # "wsd": the last fraction of the steps, over which the rate decays linearly
     c.optim.weight_decay = 0.1
     c.optim.b1 = 0.9
     c.optim.b2 = 0.98
@@ -342,6 +344,9 @@ def check_config(config: ConfigDict) -> None:
     require(config.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {config.model.dtype!r}")
     require(config.model.param_dtype in ("float32", "bfloat16"), "model.param_dtype",
              f"must be 'float32' or 'bfloat16', got {config.model.param_dtype!r}")
+    require(config.optim.schedule in optim.SCHEDULES, "optim.schedule",
+            f"must be one of {sorted(optim.SCHEDULES)}, got {config.optim.schedule!r}")
+    require(0 < config.optim.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
     require(config.optim.mu_dtype in ("", "float32", "bfloat16"), "optim.mu_dtype",
              f"must be '', 'float32' or 'bfloat16', got {config.optim.mu_dtype!r}")
     require(config.mesh.data == -1 or config.mesh.data > 0, "mesh.data", "must be -1 (all devices) or positive")

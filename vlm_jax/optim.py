@@ -8,8 +8,8 @@ import optax
 from vlm_jax import rules
 
 
-def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
-    warmup = min(optim_cfg.warmup_steps, total_steps)
+def cosine(optim_cfg, total_steps: int, warmup: int) -> optax.Schedule:
+    """Linear warm-up to the peak, then cosine decay to the end rate at the last step."""
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=optim_cfg.lr,
@@ -17,6 +17,30 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
         decay_steps=max(total_steps, warmup + 1),
         end_value=optim_cfg.lr * optim_cfg.end_lr_fraction,
     )
+
+
+def warmup_stable_decay(optim_cfg, total_steps: int, warmup: int) -> optax.Schedule:
+    """Linear warm-up, the peak held, then a linear decay to the end rate over
+    the last ``optim.decay_fraction`` of the steps (WSD: Hu et al. 2024,
+    Hägele et al. 2024): the rate stays high for longer than under a cosine."""
+    peak, end = optim_cfg.lr, optim_cfg.lr * optim_cfg.end_lr_fraction
+    decay = max(1, min(total_steps - warmup, round(optim_cfg.decay_fraction * total_steps)))
+    stable_end = total_steps - decay
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak),
+         optax.linear_schedule(peak, end, decay)],
+        boundaries=[warmup, stable_end])
+
+
+SCHEDULES = {  # config.optim.schedule -> (optim config, total steps, warm-up steps) -> schedule
+    "cosine": cosine,
+    "wsd": warmup_stable_decay,
+}
+
+
+def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    warmup = min(optim_cfg.warmup_steps, total_steps)
+    return SCHEDULES[optim_cfg.schedule](optim_cfg, total_steps, warmup)
 
 
 def decay_mask(params):
