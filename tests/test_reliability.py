@@ -134,6 +134,24 @@ def test_evaluate_reports_a_damaged_step(trained_softmax, data_dir, tmp_path):
         evaluate.main(["--config", "configs/default.py", "--workdir", workdir] + tiny_overrides(data_dir))
 
 
+def test_evaluating_a_run_that_is_saving_leaves_its_in_flight_checkpoint_alone(trained_softmax, data_dir, tmp_path):
+    # A trainer's asynchronous save writes into <step>.orbax-checkpoint-tmp*
+    # until it commits; a reader that cleaned such directories up removed a
+    # live run's checkpoint and crashed the run (seen with evaluate on a run).
+    workdir = _copy(trained_softmax[0], tmp_path)
+    in_flight = os.path.join(workdir, "checkpoints", "28.orbax-checkpoint-tmp", "state.orbax-checkpoint-tmp")
+    os.makedirs(in_flight)
+    open(os.path.join(in_flight, "shard"), "w").close()
+    from vlm_jax import evaluate
+
+    step, _, _ = evaluate.evaluate_checkpoint(load_tiny_config(data_dir), workdir)
+    assert step == 24 and os.path.exists(os.path.join(in_flight, "shard"))
+    misspelt = str(tmp_path / "no_such_run")  # nothing is created for a reader
+    with pytest.raises(SystemExit, match=r"error: --workdir .*no_such_run holds no checkpoint"):
+        evaluate.main(["--config", "configs/default.py", "--workdir", misspelt] + tiny_overrides(data_dir))
+    assert not os.path.exists(os.path.join(misspelt, "checkpoints"))
+
+
 # --------------------------------------------------------------------------- preemption
 
 

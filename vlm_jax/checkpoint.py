@@ -33,10 +33,19 @@ DAMAGED_DIR = "damaged_checkpoints"
 
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    """The writer's manager (the train loop, convert): it removes what an
+    interrupted save of its own workdir left behind."""
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True),
     )
+
+
+def reader(workdir: str) -> ocp.CheckpointManager:
+    """A manager that only reads (evaluate, a run's parameters): it never
+    deletes, so it can open the workdir of a run that is training and saving."""
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
 
 
 def flatten_config(d: Any, prefix: str = "config") -> dict[str, Any]:

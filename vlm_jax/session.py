@@ -169,7 +169,9 @@ def setup(config) -> Setup:
 def restore_params(config, run: Setup, workdir: str, step: int = -1) -> tuple[int, Any]:
     """(step, parameters) of checkpoint ``step`` (-1: the latest) of ``workdir``,
     checked against ``config`` first; ConfigErrors name the workdir and step."""
-    mgr = checkpoint.manager(workdir, config.train.keep_checkpoints)
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise ConfigError(f"--workdir {workdir} holds no checkpoint")
+    mgr = checkpoint.reader(workdir)
     steps = mgr.all_steps()
     if not steps:
         raise ConfigError(f"--workdir {workdir} holds no checkpoint")
