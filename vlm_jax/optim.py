@@ -25,7 +25,7 @@ def warmup_stable_decay(optim_cfg, total_steps: int, warmup: int) -> optax.Sched
     Hägele et al. 2024): the rate stays high for longer than under a cosine."""
     peak, end = optim_cfg.lr, optim_cfg.lr * optim_cfg.end_lr_fraction
     decay = max(1, min(total_steps - warmup, round(optim_cfg.decay_fraction * total_steps)))
-    stable_end = total_steps - decay
+    stable_end = max(warmup, total_steps - decay)  # a warm-up as long as the run leaves no decay to do
     return optax.join_schedules(
         [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak),
          optax.linear_schedule(peak, end, decay)],
