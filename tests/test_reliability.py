@@ -302,6 +302,34 @@ def test_a_damaged_data_record_is_an_error_line_naming_the_dataset_and_the_fix(d
                    + tiny_overrides(bad, **{"train.eval_every": 0}))
 
 
+@pytest.mark.parametrize("where", ["save", "wait_until_finished"])
+def test_a_checkpoint_write_that_fails_is_an_error_line_and_the_complete_ones_stay(where, data_dir, tmp_path,
+                                                                                    monkeypatch):
+    # orbax reports a failed write (a full disk, a directory removed under the
+    # save) as it starts the next save or as the loop waits for the one in
+    # flight, under types of its own: simulated at the second call of either.
+    import orbax.checkpoint as ocp
+
+    original = getattr(ocp.CheckpointManager, where)
+    calls = []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("Checkpoint directory does not exist: 8.orbax-checkpoint-tmp")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, where, failing)
+    argv = ["--config", "configs/default.py", "--workdir", str(tmp_path / "w")] + tiny_overrides(
+        data_dir, **{"train.eval_every": 0, "train.log_every": 4, "train.checkpoint_every": 4})
+    with pytest.raises(SystemExit, match=r"^error: writing a checkpoint to --workdir .* failed \(.*Checkpoint "
+                                         r"directory does not exist.*\); the checkpoints already complete are intact"):
+        train.main(argv)
+    monkeypatch.setattr(ocp.CheckpointManager, where, original)
+    restored = _restore_all(str(tmp_path / "w"), load_tiny_config(data_dir))
+    assert 4 in restored and max(restored) < 24  # verified and restorable; the run stopped at the failure
+
+
 def test_a_full_disk_or_read_only_workdir_is_an_error_line_and_the_checkpoints_stay(data_dir, tmp_path, monkeypatch):
     # This machine's tests run as root (permissions do not apply) on a disk with room: the
     # failures are simulated where the loop meets them, to check what the user is told.

@@ -133,17 +133,35 @@ class DamagedCheckpoint(Exception):
 # --------------------------------------------------------------------------- save and restore
 
 
+class WriteFailed(Exception):
+    """A checkpoint could not be written (a full disk, permissions, its
+    directory removed under the save); the steps already complete are intact."""
+
+
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, data_state: dict, record: dict) -> None:
+    """Starts writing checkpoint ``step`` (asynchronously: ``finish`` waits).
+    WriteFailed if it, or the save still in flight before it, fails."""
     integrity = {"arrays": fingerprints(state), "data": _digest(data_state), "compat": _digest(record)}
-    mgr.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            compat=ocp.args.JsonSave(record),
-            integrity=ocp.args.JsonSave(integrity),
-        ),
-    )
+    try:
+        mgr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                compat=ocp.args.JsonSave(record),
+                integrity=ocp.args.JsonSave(integrity),
+            ),
+        )
+    except Exception as e:  # orbax reports a failed write under many types (its own, OSError, ValueError)
+        raise WriteFailed(f"checkpoint step {step}: {first_line(e)}") from e
+
+
+def finish(mgr: ocp.CheckpointManager) -> None:
+    """Waits for the save in flight; WriteFailed if it failed."""
+    try:
+        mgr.wait_until_finished()
+    except Exception as e:  # the asynchronous write's own error, re-raised here by orbax
+        raise WriteFailed(f"the checkpoint in flight: {first_line(e)}") from e
 
 
 def read_records(mgr: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:

@@ -210,7 +210,7 @@ def _train(config, workdir, run, suite, signals, allow_config_change) -> dict[st
                 continue
             reason = guard.check(pending)
             if reason is not None:
-                mgr.wait_until_finished()
+                checkpoint.finish(mgr)
                 raise FloatingPointError(f"{reason}; stopped without saving. "
                                          f"The last good checkpoint (step {mgr.latest_step()}) is kept in {workdir}.")
             pending.clear()
@@ -238,7 +238,7 @@ def _train(config, workdir, run, suite, signals, allow_config_change) -> dict[st
             if eval_now or save_now:
                 t_last = time.time()  # evaluation and checkpoints are not training throughput
     finally:
-        mgr.wait_until_finished()
+        checkpoint.finish(mgr)
 
     progress.close()
     writer.close()
@@ -261,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             last = train(config, args.workdir, args.allow_config_change)
     except FloatingPointError as e:
         raise SystemExit(f"error: {e}") from None
+    except checkpoint.WriteFailed as e:
+        raise SystemExit(
+            f"error: writing a checkpoint to --workdir {args.workdir} failed ({e}); the checkpoints already "
+            f"complete are intact: free space or fix permissions, then run the same command to resume") from None
     except OSError as e:  # disk full, permissions changed under the run, ...
         raise SystemExit(
             f"error: writing to --workdir {args.workdir} failed ({e.strerror or e}: {e.filename or ''}); the "
