@@ -268,6 +268,29 @@ def test_convert_writes_a_workdir_that_evaluate_train_and_lit_take(data_dir, tmp
     assert step == 2 and all(np.array_equal(tuned[k], params[k]) for k in params)
 
 
+def test_a_conversion_whose_checkpoint_write_fails_is_an_error_line(data_dir, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    c = _tiny_published(data_dir, "clip")
+    params, objective = random_params(c)
+    source = str(tmp_path / "clip.safetensors")
+    weights.export_params(params, c, objective.scalar_names, source)
+
+    def failing(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", failing)
+    workdir = str(tmp_path / "converted")
+    overrides = [f"--config.{k}={v}" for k, v in {**REDUCED, "model.embed_dim": 48, "data.data_dir": data_dir,
+                                                  "data.dataset_config": "tiny"}.items()]
+    with pytest.raises(SystemExit, match=r"^error: writing checkpoint 0 to --workdir .*converted failed "
+                                         r"\(.*No space left on device\); free space"):
+        convert.main(["--config", "configs/published.py:clip_vit_b32", "--workdir", workdir, *overrides,
+                      "--source", source])
+    assert not os.path.exists(os.path.join(workdir, "converted.json"))
+    assert not os.path.exists(os.path.join(workdir, "config.json"))
+
+
 def test_convert_errors_are_one_line(data_dir, tmp_path):
     args = ["--config", "configs/published.py:clip_vit_b32", "--workdir", str(tmp_path / "w"),
             f"--config.data.data_dir={data_dir}", "--config.data.dataset_config=tiny",

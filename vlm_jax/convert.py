@@ -76,7 +76,7 @@ def import_checkpoint(config, source: str, workdir: str, layout: str = "") -> di
             augment=run.objective.augment)
         mgr = checkpoint.manager(workdir, config.train.keep_checkpoints)
         checkpoint.save(mgr, 0, state, iter(train_ds).get_state(), checkpoint.compat_record(config, run.abstract["params"]))
-        mgr.wait_until_finished()
+        checkpoint.finish(mgr)
         mgr.close()
         record = {"source": os.path.abspath(source), "bytes": os.path.getsize(source), "sha256": _sha256(source),
                   "layout": layout, "parameters": int(sum(v.size for v in flat.values()))}
@@ -129,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> str:
             message = f"exported {args.workdir} to {args.export} ({layout} layout)"
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+    except checkpoint.WriteFailed as e:  # import: no config or provenance record was written after it
+        raise SystemExit(f"error: writing checkpoint 0 to --workdir {args.workdir} failed ({e}); free space or "
+                         f"fix permissions, then remove {args.workdir} and convert again") from None
     print(message, file=sys.stderr)
     return message
 
