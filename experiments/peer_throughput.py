@@ -1,6 +1,6 @@
 """Train-step examples/s of vlm_jax and open_clip on the same model, side by side.
 
-    python experiments/peer_throughput.py [--sizes default wide] [--pairs 5] [--steps 3]
+    python experiments/peer_throughput.py [--sizes default wide] [--pairs 5] [--steps 4] [--devices 1 2]
 
 Both frameworks train the same CLIP: OpenCLIP's ViT computation (class token
 with its position embedding, ln_pre, no patch bias, exact GELU, LayerNorm
@@ -17,10 +17,17 @@ already in memory (no input pipeline), two threads each. The parameter
 counts are checked to agree, and vlm_jax's initial weights are exported into
 the open_clip model so both train identical networks.
 
-open_clip runs in the peer environment (``vlm_jax.bench.peer_env``) as a
-long-lived child; the two alternate in pairs (the child times ``--steps``
-steps, then vlm_jax does), and each side's examples/s is the median over
-pairs of its steps' median time. The script re-executes itself as the train
+vlm_jax is timed on each of ``--devices`` CPU device counts (default 1 and
+one per thread): the same network and global batch, the batch split over a
+data-parallel mesh of that many devices (``mesh.data``), as a user gets with
+``JAX_NUM_CPU_DEVICES``. open_clip runs in the peer environment
+(``vlm_jax.bench.peer_env``) as a long-lived child; the sides take turns in
+rounds (the child, then vlm_jax on each device count). Every turn is one
+untimed step, then ``--steps`` timed ones: the first step after the other
+side's turn runs on cold caches and on memory the host has taken back while
+the process sat idle (up to twice a step's time here), which no training run
+sees. Each side's examples/s is the median over rounds of its steps' median
+time. The script re-executes itself as the train
 command does (``vlm_jax.hostmem``: glibc's huge-page tunable, where the
 kernel offers huge pages on request), and the child inherits it: both sides
 allocate alike.
@@ -36,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Sequence
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -97,6 +105,7 @@ print(json.dumps({"ready": True, "parameters": sum(p.numel() for p in model.para
                   "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
 for line in sys.stdin:
     n = int(line)
+    step()  # untimed: the first step of a turn pays for the other side's turn (caches, idle memory)
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -118,12 +127,18 @@ def overrides(size: dict) -> list[str]:
             f"model.text.max_len={size['ctx']}", "model.text.pool=argmax", "model.text.mask_padding=False",
             "model.text.act=gelu", "model.text.norm_eps=1e-5", f"model.embed_dim={size['embed']}",
             "model.image.stem=()", "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.grad_clip=1.0",
-            "optim.b1=0.9", "optim.b2=0.98", "optim.eps=1e-6", "mesh.data=1"]
+            "optim.b1=0.9", "optim.b2=0.98", "optim.eps=1e-6"]
 
 
-def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads: int) -> dict:
-    spec = "configs/default.py"
-    cfg, run, step, state, batch = throughput._prepare(spec, overrides(size), size["batch"])
+def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads: int,
+            device_counts: Sequence[int]) -> dict:
+    """One round per pair: open_clip's turn, then vlm_jax's on each device count in turn; every turn is
+    one untimed step, then ``steps`` timed ones."""
+    spec, b = "configs/default.py", size["batch"]
+    ours = {}
+    for n in device_counts:  # the same network and batch, the batch split over n CPU devices (mesh.data=n)
+        cfg, run, step, state, batch = throughput._prepare(spec, overrides(size) + [f"mesh.data={n}"], b)
+        ours[n] = [step, state, batch]
     vocab = run.model.text.vocab_size
     heads = cfg.model.image.num_heads
     params = rules._flat(jax.device_get(state["params"]))
@@ -138,43 +153,54 @@ def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads:
         ready = json.loads(child.stdout.readline())
         if ready.get("parameters") != ours_n:
             raise RuntimeError(f"{name}: parameter counts differ: open_clip {ready.get('parameters')}, vlm_jax {ours_n}")
-        state, out = step(state, batch)  # compiled and warm
-        jax.block_until_ready(out)
-        peer_med, ours_med = [], []
+        for entry in ours.values():  # compiled and warm
+            entry[1], out = entry[0](entry[1], entry[2])
+            jax.block_until_ready(out)
+        peer_med, ours_med = [], {n: [] for n in ours}
         for _ in range(pairs):
             child.stdin.write(f"{steps}\n")
             child.stdin.flush()
             peer_med.append(statistics.median(json.loads(child.stdout.readline())["times"]))
-            state, times = throughput.time_steps(step, state, batch, steps)
-            ours_med.append(statistics.median(times))
+            for n, entry in ours.items():
+                entry[1], _ = throughput.time_steps(entry[0], entry[1], entry[2], 1)  # untimed, as the peer's
+                entry[1], times = throughput.time_steps(entry[0], entry[1], entry[2], steps)
+                ours_med[n].append(statistics.median(times))
         child.stdin.close()
         child.wait()
-    b = size["batch"]
     return {"size": name, "parameters": ours_n, "batch": b, "torch": ready["torch"],
-            "open_clip_ms": [round(t * 1e3, 1) for t in peer_med], "vlm_jax_ms": [round(t * 1e3, 1) for t in ours_med],
-            "open_clip_eps": b / statistics.median(peer_med), "vlm_jax_eps": b / statistics.median(ours_med)}
+            "open_clip_ms": [round(t * 1e3, 1) for t in peer_med], "open_clip_eps": b / statistics.median(peer_med),
+            "vlm_jax": {n: {"ms": [round(t * 1e3, 1) for t in ms], "eps": b / statistics.median(ms)}
+                        for n, ms in ours_med.items()}}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--pairs", type=int, default=5)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per turn, after one untimed step")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--devices", type=int, nargs="+", default=None,
+                   help="vlm_jax's CPU device counts to time, each its own data-parallel mesh (default: 1 and "
+                        "--threads, one device per thread)")
     args = p.parse_args()
+    counts = sorted(set(args.devices or (1, args.threads)))
+    # CPU devices are made when the backend starts: as many as the largest mesh needs, before any array exists.
+    jax.config.update("jax_num_cpu_devices", max(counts))
     python = peer_env.ensure_venv()
-    rows = [measure(n, SIZES[n], python, args.pairs, args.steps, args.threads) for n in args.sizes]
+    rows = [measure(n, SIZES[n], python, args.pairs, args.steps, args.threads, counts) for n in args.sizes]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} "
           f"({jax.devices()[0].device_kind}); torch {rows[0]['torch']}, {args.threads} threads; "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both sides)")
     print(f"command: python experiments/peer_throughput.py {' '.join(sys.argv[1:])}\n")
-    print("| model | parameters | batch | open_clip ms/step (pairs) | vlm_jax ms/step (pairs) | open_clip ex/s | "
-          "vlm_jax ex/s | vlm_jax / open_clip |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | parameters | batch | framework | ms/step (pairs) | examples/s | × open_clip |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | {' / '.join(map(str, r['open_clip_ms']))} | "
-              f"{' / '.join(map(str, r['vlm_jax_ms']))} | {r['open_clip_eps']:,.0f} | {r['vlm_jax_eps']:,.0f} | "
-              f"{r['vlm_jax_eps'] / r['open_clip_eps']:.2f}× |")
+        print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | open_clip, {args.threads} threads | "
+              f"{' / '.join(map(str, r['open_clip_ms']))} | {r['open_clip_eps']:,.0f} | 1.00 |")
+        for n, v in r["vlm_jax"].items():
+            where = "1 CPU device" if n == 1 else f"{n} CPU devices (data parallel)"
+            print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | vlm_jax, {where} | {' / '.join(map(str, v['ms']))} | "
+                  f"{v['eps']:,.0f} | **{v['eps'] / r['open_clip_eps']:.2f}×** |")
 
 
 if __name__ == "__main__":
