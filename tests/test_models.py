@@ -66,6 +66,38 @@ def test_text_tower_is_invariant_to_trailing_padding_where_it_should_be(pool, ca
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("pool", ["eos", "argmax"])
+def test_text_pooling_stays_on_the_device_that_holds_the_rows(pool):
+    """The pooled token of each row is x[i, index[i]] exactly, and a tower whose
+    batch is split over 4 devices pools (and back-propagates) with no
+    collective: indexing with (arange(B), index) made the partitioner
+    all-gather the indices and all-reduce a (B, width) result."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    m = _text(pool=pool, causal=True)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, 40, (8, 10)).astype(np.int32)
+    tokens[np.arange(8), rng.integers(3, 10, 8)] = 49  # the EOT id, the largest, at a row-dependent place
+    tokens[np.arange(10)[None] > np.argmax(tokens, axis=1)[:, None]] = 0  # padding after it
+    params = m.init(jax.random.PRNGKey(0), tokens)
+    pooled, x = m.apply(params, tokens)
+    index = np.argmax(tokens, axis=1) if pool == "argmax" else (tokens != 0).sum(axis=1) - 1
+    np.testing.assert_array_equal(pooled, np.asarray(x)[np.arange(8), index])
+
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
+    rows = NamedSharding(mesh, P("data"))
+    loss = jax.jit(jax.value_and_grad(lambda p, t: jnp.sum(m.apply(p, t)[0] ** 2)),
+                   in_shardings=(NamedSharding(mesh, P()), rows))
+    hlo = loss.lower(params, jax.device_put(tokens, rows)).compile().as_text()
+    collectives = [op for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+                   if f" {op}(" in hlo or f" {op}-start(" in hlo]
+    # the parameter gradients are summed over devices: one all-reduce, of the parameters' shapes only
+    assert collectives in ([], ["all-reduce"]), collectives
+    for line in hlo.splitlines():
+        if " all-reduce(" in line or " all-reduce-start(" in line:
+            assert "[8,32]" not in line.split("all-reduce")[0], line
+
+
 def test_causal_eos_embedding_ignores_nothing_before_eos():
     m = _text(pool="eos", causal=True)
     a = jnp.array([[5, 6, 7, 1, 0, 0]])

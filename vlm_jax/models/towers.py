@@ -357,6 +357,14 @@ class ViT(nn.Module):
 TEXT_POOLS = ("eos", "argmax", "first", "last", "mean")
 
 
+def row_token(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x[i, index[i]] for every row i: (B, L, w), (B,) -> (B, w). A gather along
+    the token axis alone, so a batch-sharded ``x`` is pooled where it lies;
+    indexing with (arange(B), index) instead makes the partitioner gather the
+    indices from every device and all-reduce a (B, w) result."""
+    return jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
+
+
 def vocab_ids(tokens: jax.Array, pad_id: int, token_offset: int) -> jax.Array:
     """Rows of the text tower's embedding table for ``tokens`` (0 = padding):
     a published vocabulary's own padding id and offset (``model.text``)."""
@@ -481,10 +489,9 @@ class TextTransformer(nn.Module):
         x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat, self.scan, self.act,
                     self.norm_eps, self.decode, name="encoder")(x, mask)
         if self.pool == "eos":
-            last = jnp.maximum(valid.sum(axis=1) - 1, 0)
-            return x[jnp.arange(b), last], x
+            return row_token(x, jnp.maximum(valid.sum(axis=1) - 1, 0)), x
         if self.pool == "argmax":
-            return x[jnp.arange(b), jnp.argmax(tokens, axis=1)], x
+            return row_token(x, jnp.argmax(tokens, axis=1)), x
         if self.pool == "first":
             return x[:, 0], x
         if self.pool == "last":
