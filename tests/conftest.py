@@ -28,6 +28,19 @@ def data_dir(tmp_path_factory):
     return d
 
 
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+def collectives(hlo: str) -> list[tuple[str, str]]:
+    """(op, result shape) of every collective in compiled HLO text."""
+    found = []
+    for line in hlo.splitlines():
+        for op in COLLECTIVES:
+            if f" {op}(" in line or f" {op}-start(" in line:
+                found.append((op, line.split("=", 1)[1].split(op)[0].strip()))
+    return found
+
+
 def tiny_overrides(data_dir: str, **extra) -> list[str]:
     """Command-line overrides for a tiny, fast run of configs/default.py."""
     values = {

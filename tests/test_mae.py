@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from conftest import load_tiny_config
+from conftest import collectives, load_tiny_config
 from reference import mae_loss_and_grads
 from vlm_jax import session
 from vlm_jax.errors import ConfigError
 from vlm_jax.losses import reconstruction
-from vlm_jax.models import towers
+from vlm_jax.models import mae as mae_models, towers
 from vlm_jax.objectives import mae
 
 
@@ -58,6 +58,32 @@ def test_drop_patches_keeps_a_quarter_in_order_and_is_a_function_of_the_generato
         again = mae.drop_patches(example, np.random.default_rng(seed), patch=4, ratio=0.75)
         np.testing.assert_array_equal(again["mae_keep"], keep)
     assert len(kept) == 64  # every position gets kept by some draw
+
+
+def test_the_decoder_places_kept_tokens_in_their_rows_without_collectives():
+    """Every kept token lands at its own row's position and the rest hold the
+    mask token; with the batch split over 4 devices, the decoder's forward
+    and backward need no collective beyond the parameter gradients' sum
+    (scattering with (arange(B), keep) all-reduced a (B, n, w) array)."""
+    m = mae_models.MAEDecoder(grid=4, patch=2, width=16, depth=1, mlp_dim=32, num_heads=2)
+    rng = np.random.default_rng(0)
+    b, k = 8, 5
+    tokens = rng.standard_normal((b, k, 12)).astype(np.float32)
+    keep = np.stack([rng.permutation(16)[:k] for _ in range(b)]).astype(np.int32)
+    x = rng.standard_normal((b, k, 16)).astype(np.float32)
+    full = np.broadcast_to(rng.standard_normal((1, 1, 16)).astype(np.float32), (b, 16, 16))
+    want = full.copy()
+    for i in range(b):
+        want[i, keep[i]] = x[i]
+    np.testing.assert_array_equal(mae_models._place_rows(jnp.asarray(full), jnp.asarray(keep), jnp.asarray(x)), want)
+
+    params = m.init(jax.random.PRNGKey(0), tokens, keep)
+    mesh = Mesh(np.asarray(jax.devices()[:4]), ("data",))
+    rows = NamedSharding(mesh, P("data"))
+    f = jax.jit(jax.value_and_grad(lambda p, t, kk: jnp.sum(m.apply(p, t, kk) ** 2)),
+                in_shardings=(NamedSharding(mesh, P()), rows, rows))
+    found = collectives(f.lower(params, jax.device_put(tokens, rows), jax.device_put(keep, rows)).compile().as_text())
+    assert all(op == "all-reduce" and "[8," not in shape for op, shape in found), found
 
 
 def test_the_vit_encodes_only_the_kept_patches():
