@@ -132,7 +132,7 @@ def overrides(size: dict) -> list[str]:
 
 def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads: int,
             device_counts: Sequence[int]) -> dict:
-    """One round per pair: open_clip's turn, then vlm_jax's on each device count in turn; every turn is
+    """``pairs`` rounds: open_clip's turn, then vlm_jax's on each device count in turn; every turn is
     one untimed step, then ``steps`` timed ones."""
     spec, b = "configs/default.py", size["batch"]
     ours = {}
@@ -192,7 +192,7 @@ def main() -> None:
           f"({jax.devices()[0].device_kind}); torch {rows[0]['torch']}, {args.threads} threads; "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both sides)")
     print(f"command: python experiments/peer_throughput.py {' '.join(sys.argv[1:])}\n")
-    print("| model | parameters | batch | framework | ms/step (pairs) | examples/s | × open_clip |")
+    print("| model | parameters | batch | framework | ms/step (rounds) | examples/s | × open_clip |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | open_clip, {args.threads} threads | "
