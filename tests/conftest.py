@@ -31,8 +31,18 @@ def data_dir(tmp_path_factory):
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
 
 
-def collectives(hlo: str) -> list[tuple[str, str]]:
-    """(op, result shape) of every collective in compiled HLO text."""
+def collectives(loss, params, *batch, devices: int = 4) -> list[tuple[str, str]]:
+    """(op, result shape) of every collective in the compiled value_and_grad of
+    ``loss(params, *batch)``, each batch argument split over ``devices`` along
+    its first axis and ``params`` replicated."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.asarray(jax.devices()[:devices]), ("data",))
+    rows = NamedSharding(mesh, P("data"))
+    step = jax.jit(jax.value_and_grad(loss), in_shardings=(NamedSharding(mesh, P()),) + (rows,) * len(batch))
+    hlo = step.lower(params, *(jax.device_put(b, rows) for b in batch)).compile().as_text()
     found = []
     for line in hlo.splitlines():
         for op in COLLECTIVES:
