@@ -62,6 +62,9 @@ from vlm_jax.bench import peer_env, throughput  # noqa: E402
 SIZES = {
     "default": dict(width=96, depth=(3, 2), patch=4, image=32, ctx=16, embed=64, batch=256),
     "wide": dict(width=256, depth=(6, 6), patch=8, image=64, ctx=16, embed=64, batch=128),
+    # For a GPU: ViT-B/32's image tower (width 768, 12 heads, depth 12, patch 32 at 224 px) and a text tower
+    # of the same width and depth over 77 tokens; batch 256.
+    "base": dict(width=768, heads=12, depth=(12, 12), patch=32, image=224, ctx=77, embed=512, batch=256),
 }
 
 CHILD = r'''
@@ -80,7 +83,10 @@ model = CLIP(spec["embed"], dict(layers=di, width=w, head_width=w // spec["heads
                                  image_size=spec["image"]),
              dict(context_length=spec["ctx"], vocab_size=spec["vocab"], width=w, heads=spec["heads"], layers=dt))
 model.load_state_dict(load_file(spec["weights"]), strict=True)
-model.train()
+dev = torch.device(spec["device"])
+if dev.type == "cuda":  # float32 matmuls and convolutions in TF32 or not, as vlm_jax's side is set
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = spec["tf32"]
+model.to(dev).train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
 loss_fn = ClipLoss()
 rng = np.random.default_rng(0)
@@ -89,7 +95,7 @@ images = torch.from_numpy(rng.standard_normal((b, 3, spec["image"], spec["image"
 tokens = np.zeros((b, spec["ctx"]), np.int64)
 tokens[:, 1:-1] = rng.integers(1, spec["vocab"] - 2, (b, spec["ctx"] - 2))
 tokens[:, 0], tokens[:, -1] = spec["vocab"] - 2, spec["vocab"] - 1
-tokens = torch.from_numpy(tokens)
+images, tokens = images.to(dev), torch.from_numpy(tokens).to(dev)
 
 def step():
     opt.zero_grad(set_to_none=True)
@@ -98,11 +104,12 @@ def step():
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return float(loss)
+    return float(loss.detach())  # waits for the step's last kernel (a copy queued behind it) on a GPU
 
 step()  # warm-up
 print(json.dumps({"ready": True, "parameters": sum(p.numel() for p in model.parameters()),
-                  "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+                  "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}), flush=True)
 for line in sys.stdin:
     n = int(line)
     step()  # untimed: the first step of a turn pays for the other side's turn (caches, idle memory)
@@ -117,7 +124,7 @@ for line in sys.stdin:
 
 def overrides(size: dict) -> list[str]:
     w, (di, dt) = size["width"], size["depth"]
-    heads = w // 32 if w >= 128 else 4
+    heads = size.get("heads") or (w // 32 if w >= 128 else 4)
     return ["model.image.tower=vit", f"model.image.width={w}", f"model.image.depth={di}", f"model.image.mlp_dim={4 * w}",
             f"model.image.num_heads={heads}", f"model.image.patch_size={size['patch']}",
             f"data.image_size={size['image']}", "model.image.pool=cls", "model.image.ln_pre=True",
@@ -131,7 +138,7 @@ def overrides(size: dict) -> list[str]:
 
 
 def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads: int,
-            device_counts: Sequence[int]) -> dict:
+            device_counts: Sequence[int], peer_device: str, tf32: bool) -> dict:
     """``pairs`` rounds: open_clip's turn, then vlm_jax's on each device count in turn; every turn is
     one untimed step, then ``steps`` timed ones."""
     spec, b = "configs/default.py", size["batch"]
@@ -146,7 +153,8 @@ def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads:
     with tempfile.TemporaryDirectory(prefix="vlm_jax_peer_tp_") as tmp:
         path = os.path.join(tmp, "init.safetensors")
         weights.export_params(params, cfg, run.objective.scalar_names, path)
-        child_spec = dict(size, heads=heads, vocab=vocab, weights=path, threads=threads)
+        child_spec = dict(size, heads=heads, vocab=vocab, weights=path, threads=threads, device=peer_device,
+                          tf32=tf32)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         child = subprocess.Popen([python, "-c", CHILD, json.dumps(child_spec)], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True, env=env)
@@ -167,7 +175,7 @@ def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads:
                 ours_med[n].append(statistics.median(times))
         child.stdin.close()
         child.wait()
-    return {"size": name, "parameters": ours_n, "batch": b, "torch": ready["torch"],
+    return {"size": name, "parameters": ours_n, "batch": b, "torch": ready["torch"], "peer_device": ready["device"],
             "open_clip_ms": [round(t * 1e3, 1) for t in peer_med], "open_clip_eps": b / statistics.median(peer_med),
             "vlm_jax": {n: {"ms": [round(t * 1e3, 1) for t in ms], "eps": b / statistics.median(ms)}
                         for n, ms in ours_med.items()}}
@@ -175,33 +183,44 @@ def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--sizes", nargs="+", default=None, choices=list(SIZES),
+                   help="default: default and wide; base too on a GPU")
     p.add_argument("--pairs", type=int, default=5)
     p.add_argument("--steps", type=int, default=4, help="timed steps per turn, after one untimed step")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of each side")
     p.add_argument("--devices", type=int, nargs="+", default=None,
-                   help="vlm_jax's CPU device counts to time, each its own data-parallel mesh (default: 1 and "
-                        "--threads, one device per thread)")
+                   help="vlm_jax's device counts to time, each its own data-parallel mesh (default on a CPU: 1 "
+                        "and --threads, one device per thread; on a GPU: 1)")
+    p.add_argument("--matmul", choices=("tf32", "float32"), default="tf32",
+                   help="on a GPU, float32 matmuls in TF32 (JAX's GPU default; OpenCLIP's training script turns "
+                        "it on in PyTorch) or in full float32, on both sides alike; a CPU has no TF32")
     args = p.parse_args()
-    counts = sorted(set(args.devices or (1, args.threads)))
     # CPU devices are made when the backend starts: as many as the largest mesh needs, before any array exists.
-    jax.config.update("jax_num_cpu_devices", max(counts))
+    jax.config.update("jax_num_cpu_devices", max(args.devices or (1, args.threads)))
+    gpu = jax.default_backend() == "gpu"
+    counts = sorted(set(args.devices or ((1,) if gpu else (1, args.threads))))
+    sizes = args.sizes or ["default", "wide"] + (["base"] if gpu else [])
+    if gpu:
+        jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.matmul == "tf32" else "float32")
     python = peer_env.ensure_venv()
-    rows = [measure(n, SIZES[n], python, args.pairs, args.steps, args.threads, counts) for n in args.sizes]
+    rows = [measure(n, SIZES[n], python, args.pairs, args.steps, args.threads, counts, "cuda" if gpu else "cpu",
+                    args.matmul == "tf32") for n in sizes]
+    matmul = f"float32 matmuls: {args.matmul}" if gpu else f"torch {args.threads} threads"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} "
-          f"({jax.devices()[0].device_kind}); torch {rows[0]['torch']}, {args.threads} threads; "
+          f"({jax.devices()[0].device_kind}); torch {rows[0]['torch']} ({rows[0]['peer_device']}); {matmul}; "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both sides)")
     print(f"command: python experiments/peer_throughput.py {' '.join(sys.argv[1:])}\n")
     print("| model | parameters | batch | framework | ms/step (rounds) | examples/s | × open_clip |")
     print("|---|---|---|---|---|---|---|")
+    peer_where = "CUDA" if gpu else f"{args.threads} threads"
     for r in rows:
-        print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | open_clip, {args.threads} threads | "
+        print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | open_clip, {peer_where} | "
               f"{' / '.join(map(str, r['open_clip_ms']))} | {r['open_clip_eps']:,.0f} | 1.00 |")
         for n, v in r["vlm_jax"].items():
-            where = "1 CPU device" if n == 1 else f"{n} CPU devices (data parallel)"
+            kind = "GPU" if gpu else "CPU device"
+            where = f"1 {kind}" if n == 1 else f"{n} {kind}s (data parallel)"
             print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | vlm_jax, {where} | {' / '.join(map(str, v['ms']))} | "
                   f"{v['eps']:,.0f} | **{v['eps'] / r['open_clip_eps']:.2f}×** |")
-
 
 if __name__ == "__main__":
     main()
