@@ -5,11 +5,14 @@
 Both frameworks train the same CLIP: OpenCLIP's ViT computation (class token
 with its position embedding, ln_pre, no patch bias, exact GELU, LayerNorm
 epsilon 1e-5; causal text pooled at the EOT token), which vlm_jax computes
-with ``configs/published.py:openclip_*``'s options, at two sizes:
+with ``configs/published.py:openclip_*``'s options, at these sizes:
 
 - ``default``: the issue's tiny CLIP, ViT width 96, depth 3, patch 4 at 32 px;
   text width 96, depth 2, 16 tokens; embedding 64; batch 256;
-- ``wide``: width 256, depth 6 in both towers, patch 8 at 64 px; batch 128.
+- ``wide``: width 256, depth 6 in both towers, patch 8 at 64 px; batch 128;
+- ``base`` (run by default on a GPU only): ViT-B/32's image tower (width 768,
+  12 heads, depth 12, patch 32 at 224 px), a text tower of the same width and
+  depth over 77 tokens, embedding 512; batch 256.
 
 Same optimiser on both sides (AdamW, lr 1e-3, betas (0.9, 0.98), eps 1e-6,
 weight decay 0.1, gradient clipping at norm 1), float32, a synthetic batch
@@ -31,6 +34,12 @@ time. The script re-executes itself as the train
 command does (``vlm_jax.hostmem``: glibc's huge-page tunable, where the
 kernel offers huge pages on request), and the child inherits it: both sides
 allocate alike.
+
+On a GPU (JAX's default backend), open_clip runs on CUDA and vlm_jax on one
+GPU; ``--matmul`` sets float32 matmuls to TF32 (the default) or full float32
+on both sides alike. ``VLM_JAX_PEER_PYTHON`` names an interpreter that
+already holds torch and open_clip, where the peer environment cannot be
+installed.
 """
 
 from __future__ import annotations
@@ -221,6 +230,7 @@ def main() -> None:
             where = f"1 {kind}" if n == 1 else f"{n} {kind}s (data parallel)"
             print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | vlm_jax, {where} | {' / '.join(map(str, v['ms']))} | "
                   f"{v['eps']:,.0f} | **{v['eps'] / r['open_clip_eps']:.2f}×** |")
+
 
 if __name__ == "__main__":
     main()
