@@ -221,12 +221,11 @@ def main() -> None:
     print(f"command: python experiments/peer_throughput.py {' '.join(sys.argv[1:])}\n")
     print("| model | parameters | batch | framework | ms/step (rounds) | examples/s | × open_clip |")
     print("|---|---|---|---|---|---|---|")
-    peer_where = "CUDA" if gpu else f"{args.threads} threads"
+    peer_where, kind = ("CUDA", "GPU") if gpu else (f"{args.threads} threads", "CPU device")
     for r in rows:
         print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | open_clip, {peer_where} | "
               f"{' / '.join(map(str, r['open_clip_ms']))} | {r['open_clip_eps']:,.0f} | 1.00 |")
         for n, v in r["vlm_jax"].items():
-            kind = "GPU" if gpu else "CPU device"
             where = f"1 {kind}" if n == 1 else f"{n} {kind}s (data parallel)"
             print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | vlm_jax, {where} | {' / '.join(map(str, v['ms']))} | "
                   f"{v['eps']:,.0f} | **{v['eps'] / r['open_clip_eps']:.2f}×** |")
