@@ -5,7 +5,9 @@
 Both frameworks train the same CLIP: OpenCLIP's ViT computation (class token
 with its position embedding, ln_pre, no patch bias, exact GELU, LayerNorm
 epsilon 1e-5; causal text pooled at the EOT token), which vlm_jax computes
-with ``configs/published.py:openclip_*``'s options, at these sizes:
+with ``configs/published.py:openclip_*``'s options (and ``model.projections_2d``, which
+changes no parameter and no function, only how the attention's projections are laid out as
+matmuls), at these sizes:
 
 - ``default``: the issue's tiny CLIP, ViT width 96, depth 3, patch 4 at 32 px;
   text width 96, depth 2, 16 tokens; embedding 64; batch 256;
@@ -142,8 +144,8 @@ def overrides(size: dict) -> list[str]:
             f"model.text.depth={dt}", f"model.text.mlp_dim={4 * w}", f"model.text.num_heads={heads}",
             f"model.text.max_len={size['ctx']}", "model.text.pool=argmax", "model.text.mask_padding=False",
             "model.text.act=gelu", "model.text.norm_eps=1e-5", f"model.embed_dim={size['embed']}",
-            "model.image.stem=()", "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.grad_clip=1.0",
-            "optim.b1=0.9", "optim.b2=0.98", "optim.eps=1e-6"]
+            "model.image.stem=()", "model.projections_2d=True", "optim.lr=1e-3", "optim.weight_decay=0.1",
+            "optim.grad_clip=1.0", "optim.b1=0.9", "optim.b2=0.98", "optim.eps=1e-6"]
 
 
 def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads: int,

@@ -71,12 +71,13 @@ def test_one_beam_is_greedy_decoding():
         assert np.asarray(tokens[ex]).tolist() == want
 
 
-@pytest.mark.parametrize("scan", (False, True))
-def test_cached_decoding_gives_the_teacher_forced_log_probs(data_dir, scan):
+@pytest.mark.parametrize("scan, projections_2d", [(False, False), (True, False), (True, True)])
+def test_cached_decoding_gives_the_teacher_forced_log_probs(data_dir, scan, projections_2d):
     """Fed a caption token by token (with 2 beams, so the cache is reordered),
     the KV-cached decoder's log-probabilities at every position equal the
     log-softmax of the full forward pass's logits."""
-    cfg = load_tiny_config(data_dir, "configs/default.py:coca", **{"model.scan": scan})
+    cfg = load_tiny_config(data_dir, "configs/default.py:coca",
+                           **{"model.scan": scan, "model.projections_2d": projections_2d})
     run = session.setup(cfg)
     params = jax.jit(run.init_state)(jax.random.PRNGKey(0))["params"]
     rng = np.random.default_rng(0)

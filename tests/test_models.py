@@ -140,3 +140,58 @@ def test_token_offset_and_pad_id_are_what_the_embedding_sees():
     d = towers.TextTransformer(pool="last", pad_id=1, **bidir).apply(params, jnp.asarray(shifted))[0]
     assert not np.allclose(np.asarray(c[0]), np.asarray(d[0]))  # the row with padding
     np.testing.assert_array_equal(np.asarray(c[1]), np.asarray(d[1]))  # the row without
+
+
+def test_exact_gelu_is_the_erf_form_in_values_and_gradient():
+    from scipy.special import erf
+
+    x = np.linspace(-9.0, 9.0, 4001, dtype=np.float32)
+    x64 = x.astype(np.float64)
+    want = 0.5 * x64 * (1.0 + erf(x64 / np.sqrt(2.0)))
+    dwant = 0.5 * (1.0 + erf(x64 / np.sqrt(2.0))) + x64 * np.exp(-0.5 * x64**2) / np.sqrt(2.0 * np.pi)
+    gelu = towers.ACTIVATIONS["gelu"]
+    got = np.asarray(gelu(jnp.asarray(x)), np.float64)
+    dgot = np.asarray(jax.vmap(jax.grad(gelu))(jnp.asarray(x)), np.float64)
+    assert np.max(np.abs(got - want) / np.maximum(1.0, np.abs(x64))) < 2e-6
+    np.testing.assert_allclose(dgot, dwant, rtol=0, atol=2e-6)
+    # torch.nn.GELU's formula, rounding for rounding: x·0.5·(1 + erf(x/√2)) on the same erf.
+    xs = jnp.asarray(x)
+    torch_form = xs * 0.5 * (1.0 + jax.lax.erf(xs * np.float32(np.sqrt(0.5))))
+    np.testing.assert_array_equal(np.asarray(gelu(xs)), np.asarray(torch_form))
+    assert gelu(jnp.ones(4, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("lhs, rhs, dims", [
+    ((3, 5, 8), (8, 2, 4), (((2,), (0,)), ((), ()))),  # q, k, v: (B, n, width) · (width, heads, head_dim)
+    ((3, 5, 2, 4), (2, 4, 8), (((2, 3), (0, 1)), ((), ()))),  # output: (B, n, heads, head_dim) · (heads, head_dim, w)
+    ((3, 5, 8), (3, 8, 4), (((2,), (1,)), ((0,), (0,)))),  # a batched contraction: lax.dot_general's own path
+])
+def test_a_projection_as_one_2d_matmul_is_dot_general_in_values_and_gradients(lhs, rhs, dims):
+    a = jax.random.normal(jax.random.PRNGKey(0), lhs)
+    b = jax.random.normal(jax.random.PRNGKey(1), rhs)
+    want = jax.lax.dot_general(a, b, dims)
+    got = towers.matmul_2d(a, b, dims)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    ct = jax.random.normal(jax.random.PRNGKey(2), want.shape)
+    g_want = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims), a, b)[1](ct)
+    g_got = jax.vjp(lambda a, b: towers.matmul_2d(a, b, dims), a, b)[1](ct)
+    for x, y in zip(g_got, g_want):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_2d_projections_keep_the_towers_parameters_and_function(scan):
+    """config.model.projections_2d: the same parameter tree and initial values, the same outputs and
+    gradients (to rounding), in both towers, scanned or not (incremental decoding: test_generate)."""
+    images, tokens = jnp.linspace(-1, 1, 2 * 16 * 16 * 3).reshape(2, 16, 16, 3), jnp.arange(1, 21).reshape(2, 10)
+    for make, x in ((lambda **k: _vit(pool="map", depth=2, **k), images), (lambda **k: _text(depth=2, **k), tokens)):
+        plain, flat = make(scan=scan), make(scan=scan, projections_2d=True)
+        params = plain.init(jax.random.PRNGKey(0), x)
+        flat_params = flat.init(jax.random.PRNGKey(0), x)
+        assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params, flat_params)))
+        loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply(p, x)[0]))  # noqa: E731
+        np.testing.assert_allclose(loss(flat)(params), loss(plain)(params), rtol=1e-5)
+        g_plain, g_flat = jax.grad(loss(plain))(params), jax.grad(loss(flat))(params)
+        for a, b in zip(jax.tree.leaves(g_flat), jax.tree.leaves(g_plain)):  # float32 rounding of each leaf's scale
+            np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * max(1.0, float(np.max(np.abs(b)))))

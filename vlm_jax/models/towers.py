@@ -42,6 +42,18 @@ def sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.n
     return pe[None].astype(np.float32)
 
 
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """Exact GELU, x·Φ(x), in the erf form torch.nn.GELU computes (OpenCLIP, timm): x·(1 + erf(x/√2))/2.
+
+    Its forward values are torch's formula's rounding for rounding on the same erf: halving is
+    exact, so 0.5 + 0.5·erf equals (1 + erf)/2 in float. ``jax.nn.gelu(approximate=False)``
+    computes 0.5·x·erfc(−x/√2) instead: more accurate for x < 0, where 1 + erf cancels (float32
+    errors there up to 8e-8, against this form's 7e-7, which torch's formula shares), but erfc
+    evaluates two branches, and on a CPU its forward and backward take about three and two times
+    this form's (docs/benchmarks.md)."""
+    return x * (0.5 + 0.5 * jax.lax.erf(x * np.float32(np.sqrt(0.5)).astype(x.dtype)))
+
+
 # The MLP's nonlinearity by name (config.model.image.act, config.model.text.act):
 # the published weights were trained with one of these, and the others are
 # measurably different functions (tanh's approximation is up to 4.7e-4 from
@@ -49,7 +61,7 @@ def sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.n
 # keeps its own.
 ACTIVATIONS: dict[str, Any] = {
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # flax's default; big_vision (SigLIP)
-    "gelu": lambda x: nn.gelu(x, approximate=False),  # the erf form: torch.nn.GELU (OpenCLIP, timm)
+    "gelu": gelu_erf,  # the erf form: torch.nn.GELU (OpenCLIP, timm)
     "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),  # OpenAI's CLIP weights
 }
 
@@ -94,6 +106,36 @@ def normalise_pixels(x, mean: tuple[float, ...], std: tuple[float, ...]):
     return (((x.astype(jnp.float32) + 1.0) * 0.5 - m) / s).astype(x.dtype)
 
 
+def matmul_2d(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, preferred_element_type=None,
+              **kwargs) -> jax.Array:
+    """``lax.dot_general`` for a projection, as one (tokens × features) matmul.
+
+    A projection contracts the trailing axes of an activation (B, n, ...) with the leading axes of a
+    kernel. Flattened to 2-D first (the reshapes are free), it computes the same products, and in the
+    backward pass the kernel's gradient is one matmul with a transposed operand, where for the 3-D
+    form XLA's CPU backend first copies an operand into a transposed layout (docs/benchmarks.md).
+    That gradient then sums over the B·n rows in another order: the results differ from the 3-D
+    form's in the last bits. Any other contraction is ``lax.dot_general`` unchanged."""
+    (lhs_c, rhs_c), batch = dimension_numbers
+    n = len(lhs_c)
+    if (any(batch) or n == 0 or tuple(lhs_c) != tuple(range(lhs.ndim - n, lhs.ndim))
+            or tuple(rhs_c) != tuple(range(n)) or kwargs):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                                   preferred_element_type=preferred_element_type, **kwargs)
+    k = int(np.prod(rhs.shape[:n]))
+    out = jax.lax.dot_general(lhs.reshape(-1, k), rhs.reshape(k, -1), (((1,), (0,)), ((), ())), precision,
+                              preferred_element_type=preferred_element_type)
+    return out.reshape(lhs.shape[:lhs.ndim - n] + rhs.shape[n:])
+
+
+def attention(num_heads: int, dtype: Dtype, name: str, decode: bool = False,
+              projections_2d: bool = False) -> nn.MultiHeadDotProductAttention:
+    """flax's multi-head attention; ``projections_2d``: its q, k, v and output projections as 2-D
+    matmuls (``matmul_2d``), the same parameters and function (config.model.projections_2d)."""
+    dots = dict(qkv_dot_general=matmul_2d, out_dot_general=matmul_2d) if projections_2d else {}
+    return nn.MultiHeadDotProductAttention(num_heads=num_heads, dtype=dtype, decode=decode, name=name, **dots)
+
+
 class MlpBlock(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
@@ -116,12 +158,12 @@ class EncoderBlock(nn.Module):
     act: str = "gelu_tanh"
     norm_eps: float = 1e-6  # flax's and big_vision's; torch's LayerNorm (OpenCLIP) uses 1e-5
     decode: bool = False  # one position per call, keys and values cached (the "cache" collection)
+    projections_2d: bool = False  # as config.model.projections_2d
 
     @nn.compact
     def __call__(self, x, mask=None):
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln1")(x)
-        y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, decode=self.decode,
-                                            name="attn")(y, y, mask=mask)
+        y = attention(self.num_heads, self.dtype, "attn", self.decode, self.projections_2d)(y, y, mask=mask)
         x = x + y
         y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln2")(x)
         return x + MlpBlock(self.mlp_dim, self.dtype, self.act, name="mlp")(y)
@@ -156,11 +198,12 @@ class _ScannedBlock(nn.Module):
     act: str
     norm_eps: float
     decode: bool = False
+    projections_2d: bool = False
 
     @nn.compact
     def __call__(self, x, mask):
         block = remat_block(EncoderBlock, self.remat, True)(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps,
-                                             self.decode, name="block")
+                                             self.decode, self.projections_2d, name="block")
         return block(x, mask), None
 
 
@@ -171,7 +214,8 @@ class Encoder(nn.Module):
     scan: one ``nn.scan`` over stacked block parameters (compile time independent
     of depth; parameters then live under "blocks" with a leading depth axis).
     decode: incremental decoding, the blocks' keys and values in the "cache"
-    collection (stacked like the parameters under scan)."""
+    collection (stacked like the parameters under scan).
+    projections_2d: the attention's projections as 2-D matmuls (config.model.projections_2d)."""
 
     depth: int
     mlp_dim: int
@@ -182,6 +226,7 @@ class Encoder(nn.Module):
     act: str = "gelu_tanh"
     norm_eps: float = 1e-6
     decode: bool = False
+    projections_2d: bool = False
 
     @nn.compact
     def __call__(self, x, mask=None):
@@ -189,12 +234,12 @@ class Encoder(nn.Module):
             stack = nn.scan(_ScannedBlock, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
                             in_axes=nn.broadcast, length=self.depth)
             x, _ = stack(self.mlp_dim, self.num_heads, self.dtype, self.remat, self.act, self.norm_eps, self.decode,
-                         name="blocks")(x, mask)
+                         self.projections_2d, name="blocks")(x, mask)
         else:
             block = remat_block(EncoderBlock, self.remat, False)
             for i in range(self.depth):
                 x = block(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps, self.decode,
-                          name=f"block{i}")(x, mask)
+                          self.projections_2d, name=f"block{i}")(x, mask)
         return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln_final")(x)
 
 
@@ -206,12 +251,13 @@ class MAPHead(nn.Module):
     dtype: Dtype = jnp.float32
     act: str = "gelu_tanh"
     norm_eps: float = 1e-6
+    projections_2d: bool = False
 
     @nn.compact
     def __call__(self, x):
         probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]))
         probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(x.dtype)
-        y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, name="attn")(probe, x)
+        y = attention(self.num_heads, self.dtype, "attn", projections_2d=self.projections_2d)(probe, x)
         ln = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln")
         y = y + MlpBlock(self.mlp_dim, self.dtype, self.act, name="mlp")(ln(y))
         return y[:, 0]
@@ -259,12 +305,14 @@ class ViT(nn.Module):
     patch_bias: bool = True
     pixel_mean: tuple[float, ...] = ()
     pixel_std: tuple[float, ...] = ()
+    projections_2d: bool = False  # as config.model.projections_2d
 
     @classmethod
     def from_config(cls, c, model_cfg, vocab_size: int) -> "ViT":
         return cls(c.patch_size, c.width, c.depth, c.mlp_dim, c.num_heads, c.posemb, c.pool,
                    jnp.dtype(model_cfg.dtype), model_cfg.remat, model_cfg.scan, tuple(c.stem), c.act,
-                   float(c.norm_eps), bool(c.ln_pre), bool(c.patch_bias), tuple(c.pixel_mean), tuple(c.pixel_std))
+                   float(c.norm_eps), bool(c.ln_pre), bool(c.patch_bias), tuple(c.pixel_mean), tuple(c.pixel_std),
+                   bool(model_cfg.projections_2d))
 
     @classmethod
     def check(cls, config) -> None:
@@ -344,13 +392,14 @@ class ViT(nn.Module):
         if self.ln_pre:
             x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="ln_pre")(x)
         x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat, self.scan, self.act,
-                    self.norm_eps, name="encoder")(x)[:, :n]
+                    self.norm_eps, projections_2d=self.projections_2d, name="encoder")(x)[:, :n]
         if self.pool == "cls":
             return x[:, 0], x[:, 1:]
         if self.pool == "gap":
             return x.mean(axis=1), x
         if self.pool == "map":
-            return MAPHead(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps, name="map_head")(x), x
+            return MAPHead(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps, self.projections_2d,
+                           name="map_head")(x), x
         raise ValueError(f"config.model.image.pool must be 'cls', 'gap' or 'map', got {self.pool!r}")
 
 
@@ -418,6 +467,7 @@ class TextTransformer(nn.Module):
     # takes the next position's tokens (B, 1) and keeps the keys, values and the
     # position in the "cache" collection (``vlm_jax.models.generate.init_cache``).
     decode: bool = False
+    projections_2d: bool = False  # as config.model.projections_2d
 
     @classmethod
     def from_config(cls, c, model_cfg, vocab_size: int) -> "TextTransformer":
@@ -429,7 +479,8 @@ class TextTransformer(nn.Module):
                              f"{needed}{hint}")
         return cls(c.vocab_size or needed, c.max_len, c.width, c.depth, c.mlp_dim, c.num_heads, c.causal, c.pool,
                    jnp.dtype(model_cfg.dtype), model_cfg.remat, model_cfg.scan, bool(c.mask_padding), c.act,
-                   float(c.norm_eps), int(c.pad_id), int(c.token_offset))
+                   float(c.norm_eps), int(c.pad_id), int(c.token_offset),
+                   projections_2d=bool(model_cfg.projections_2d))
 
     @classmethod
     def check(cls, config) -> None:
@@ -487,7 +538,7 @@ class TextTransformer(nn.Module):
         if self.causal and not self.decode:
             mask = nn.combine_masks(mask, nn.make_causal_mask(tokens))
         x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, self.remat, self.scan, self.act,
-                    self.norm_eps, self.decode, name="encoder")(x, mask)
+                    self.norm_eps, self.decode, self.projections_2d, name="encoder")(x, mask)
         if self.pool == "eos":
             return row_token(x, jnp.maximum(valid.sum(axis=1) - 1, 0)), x
         if self.pool == "argmax":
