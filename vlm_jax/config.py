@@ -92,8 +92,8 @@ def base_config() -> ConfigDict:
     c.model.scan = False  # nn.scan over the blocks of each tower
     # The towers' attention projections (q, k, v, output) as one (tokens × width) matmul each: the same
     # parameters and function, and on a CPU no transposed copy before each kernel gradient (the
-    # side-by-side's default-size step 4 % faster on 2 cores, docs/benchmarks.md); the kernel gradients sum in another
-    # order, so a run differs from one without it in the last bits.
+    # side-by-side's default-size step 4 % faster on 2 cores, docs/benchmarks.md); the kernel
+    # gradients sum in another order, so a run differs from one without it in the last bits.
     c.model.projections_2d = False
     c.model.image = ConfigDict(_declared_fields(models.IMAGE_TOWERS, "model.image", tower="vit"))  # the tower, its fields
     c.model.text = ConfigDict(_declared_fields(models.TEXT_TOWERS, "model.text", tower="transformer"))

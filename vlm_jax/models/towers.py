@@ -49,8 +49,8 @@ def gelu_erf(x: jax.Array) -> jax.Array:
     exact, so 0.5 + 0.5·erf equals (1 + erf)/2 in float. ``jax.nn.gelu(approximate=False)``
     computes 0.5·x·erfc(−x/√2) instead: more accurate for x < 0, where 1 + erf cancels (float32
     errors there up to 8e-8, against this form's 7e-7, which torch's formula shares), but erfc
-    evaluates two branches, and on a CPU its forward and its forward and backward take about four and
-    two times this form's (docs/benchmarks.md)."""
+    evaluates two branches: on a CPU its forward pass takes about four times this form's, forward
+    and backward together about twice (docs/benchmarks.md)."""
     return x * (0.5 + 0.5 * jax.lax.erf(x * np.float32(np.sqrt(0.5)).astype(x.dtype)))
 
 
