@@ -1,13 +1,15 @@
 """The loss-scaling benchmark runs at tiny sizes and writes sane CSV, table and
-plots; the throughput benchmark's synthetic batch is shaped as the real one."""
+plots; the throughput benchmark's synthetic batch is shaped as the real one, and
+its variants (config overrides and XLA options) alternate and are compared bit
+for bit."""
 
 import csv
 import os
 
 import pytest
 
-from conftest import load_tiny_config
-from vlm_jax.bench import loss_scaling
+from conftest import load_tiny_config, tiny_overrides
+from vlm_jax.bench import loss_scaling, throughput
 
 
 def test_loss_scaling_cli_writes_csv_table_and_plots(tmp_path):
@@ -69,3 +71,26 @@ def test_the_synthetic_batch_has_the_train_streams_fields_and_shapes(spec, data_
                                             augment=run.objective.augment)))
     fake = synthetic_batch(cfg, run, 4)
     assert {k: (v.shape, v.dtype) for k, v in fake.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
+
+
+def test_throughput_variants_alternate_and_tell_bit_identical_states(data_dir, capsys):
+    memory_scheduler = "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"  # reorders, computes the same
+    # optim.b1 changes Adam's first moment in the first step (a learning rate would not: the warm-up starts at 0)
+    rows = throughput.main(["--config", "configs/default.py", *tiny_overrides(data_dir), "--batch", "8",
+                            "--steps", "1", "--rounds", "2", "--matmul-size", "64",
+                            "--variants", f";{memory_scheduler};optim.b1=0.5"])
+    assert [len(r["round_ms"]) for r in rows] == [2, 2, 2]
+    assert [r["overrides"] for r in rows] == ["(baseline)", memory_scheduler, "optim.b1=0.5"]
+    assert rows[1]["state_digest"] == rows[0]["state_digest"] != rows[2]["state_digest"]
+    assert rows[1]["temp_mib_per_device"] != rows[0]["temp_mib_per_device"]  # the option reached the compiler
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [line.rstrip(" |").rsplit("| ", 1)[1] for line in table] == ["yes", "yes", "no"]
+
+
+@pytest.mark.parametrize("variant, says", [("xla_no_such_option=1", "xla_no_such_option"),
+                                            ("xla_cpu_use_fusion_emitters", "needs a value")])
+def test_a_bad_xla_option_is_an_error_line(data_dir, variant, says):
+    with pytest.raises(SystemExit) as e:
+        throughput.main(["--config", "configs/default.py", *tiny_overrides(data_dir), "--batch", "8",
+                         "--steps", "1", "--variants", variant])
+    assert str(e.value).startswith("error:") and says in str(e.value)

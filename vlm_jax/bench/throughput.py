@@ -1,21 +1,61 @@
 """Train-step throughput and MFU for a config, with variants side by side.
 
-For each variant (config overrides such as ``model.remat=full``) it compiles
-the real jitted train step (synthetic batch, so the input pipeline is not
-measured), then reports compile time, step time, examples/s, memory
-(compiled per-device temporaries; the accelerator's peak where reported) and
-MFU = model FLOPs per step / step time / peak FLOP/s. Model FLOPs come from
-XLA's cost analysis of the compiled step and are cross-checked by an analytic
-count; the peak is a large matmul timed on the same devices in the same run.
+For each variant (config overrides such as ``model.remat=full``, and XLA
+compiler options: entries named ``xla_*``) it compiles the real jitted train
+step (synthetic batch, so the input pipeline is not measured), then reports
+compile time, step time, examples/s, memory (compiled per-device temporaries;
+the accelerator's peak where reported), MFU = model FLOPs per step / step
+time / peak FLOP/s, and whether the state after one step is bit for bit the
+first variant's. Model FLOPs come from XLA's cost analysis of the compiled
+step and are cross-checked by an analytic count; the peak is a large matmul
+timed on the same devices in the same run.
+
+With ``--rounds R`` > 1 every variant is compiled and kept, then timed in
+turn, R rounds of one untimed step and ``--steps`` timed ones each; a
+variant's step time is the median over rounds of each round's median. On a
+machine whose speed drifts (a shared VM), alternating rounds compare
+variants under the same conditions; timing them one after the other does not.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import sys
 import time
 from typing import Sequence
+
+XLA_OPTION_PREFIX = "xla_"  # XLA's debug options are all named so; no config field is
+
+
+def split_variant(entries: Sequence[str]) -> tuple[list[str], dict[str, bool | int | str]]:
+    """A variant's entries as (config overrides, XLA compiler options). An entry
+    ``xla_<option>=<value>`` is a compiler option ("true"/"false" a bool, digits an
+    int, anything else passed as written); every other entry is a config override."""
+    overrides, options = [], {}
+    for entry in entries:
+        if not entry.startswith(XLA_OPTION_PREFIX):
+            overrides.append(entry)
+            continue
+        name, sep, value = entry.partition("=")
+        if not sep or not value:
+            raise SystemExit(f"error: variant entry {entry!r}: an XLA option needs a value, as in "
+                             "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
+        low = value.lower()
+        options[name] = (low == "true") if low in ("true", "false") else int(value) if value.isdigit() else value
+    return overrides, options
+
+
+def state_digest(state) -> str:
+    """SHA-256 over every leaf's bytes (in tree order): equal digests, bit-identical states."""
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(state):
+        h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+    return h.hexdigest()
 
 
 def analytic_train_flops(config, batch: int) -> float:
@@ -142,39 +182,72 @@ def measure_loop(spec: str, overrides: Sequence[str], batch: int, steps: int, ho
             "devices": run.mesh.devices.size}
 
 
-def measure_variant(spec: str, overrides: Sequence[str], batch: int, steps: int) -> dict:
+def compile_variant(spec: str, overrides: Sequence[str], batch: int,
+                    options: dict | None = None) -> dict:
+    """One variant compiled (with XLA ``options``) and stepped once, untimed:
+    everything ``time_variant`` needs, and the digest of the state after that step."""
     import jax
 
     cfg, run, step, state, batch_arrays = _prepare(spec, overrides, batch)
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch_arrays).compile()
+    lowered = step.lower(state, batch_arrays)
+    try:
+        compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if not options or "option" not in str(e):
+            raise
+        raise SystemExit(f"error: XLA options {options}: {e}; name an XLA debug option this jaxlib knows, "
+                         "with a value of its type") from None
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
     mem = compiled.memory_analysis()
     state, _ = compiled(state, batch_arrays)  # warm-up
-    jax.block_until_ready(state)
-    state, times = time_steps(compiled, state, batch_arrays, steps)
-    step_s = statistics.median(times)
-    peaks = [d.memory_stats().get("peak_bytes_in_use", -1) for d in run.mesh.devices.flat
-             if hasattr(d, "memory_stats") and d.memory_stats()]
     n_dev = run.mesh.devices.size
     return {
-        "overrides": " ".join(overrides) or "(config as is)",
+        "overrides": " ".join([*overrides, *(f"{k}={v}" for k, v in (options or {}).items())]) or "(baseline)",
         "devices": n_dev,
         "batch": batch,
         "compile_s": compile_s,
-        "step_ms": step_s * 1e3,
-        "examples_per_s": batch / step_s,
         "temp_mib_per_device": mem.temp_size_in_bytes / 2**20 if mem else float("nan"),
-        "peak_mib": max(peaks) / 2**20 if peaks else float("nan"),
         # XLA's count is of the per-device SPMD program: scale to the whole step.
         "xla_flops": xla_flops * n_dev,
         "analytic_flops": analytic_train_flops(cfg, batch),
         "mesh": run.mesh,
         "compute_dtype": cfg.model.dtype,
+        "state_digest": state_digest(state),
+        "_run": [compiled, state, batch_arrays],
+        "_round_ms": [],
     }
+
+
+def time_variant(row: dict, steps: int) -> None:
+    """One round: an untimed step, then ``steps`` timed ones; their median joins the row's rounds."""
+    compiled, state, batch_arrays = row["_run"]
+    state, _ = time_steps(compiled, state, batch_arrays, 1)
+    state, times = time_steps(compiled, state, batch_arrays, steps)
+    row["_run"][1] = state
+    row["_round_ms"].append(statistics.median(times) * 1e3)
+
+
+def finish_variant(row: dict) -> dict:
+    """The row's step time from its rounds, the accelerator's peak memory, its device buffers released."""
+    row["step_ms"] = statistics.median(row["_round_ms"])
+    row["examples_per_s"] = row["batch"] / (row["step_ms"] / 1e3)
+    row["round_ms"] = row.pop("_round_ms")
+    peaks = [d.memory_stats().get("peak_bytes_in_use", -1) for d in row["mesh"].devices.flat
+             if hasattr(d, "memory_stats") and d.memory_stats()]
+    row["peak_mib"] = max(peaks) / 2**20 if peaks else float("nan")
+    del row["_run"]
+    return row
+
+
+def measure_variant(spec: str, overrides: Sequence[str], batch: int, steps: int,
+                    options: dict | None = None) -> dict:
+    row = compile_variant(spec, overrides, batch, options)
+    time_variant(row, steps)
+    return finish_variant(row)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -183,18 +256,32 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--variants", default=";model.remat=full;model.scan=True;model.dtype=bfloat16",
-                   help="';'-separated variants, each a ','-separated list of config overrides ('' = as is)")
+                   help="';'-separated variants, each a ','-separated list of config overrides ('' = as is) "
+                        "and XLA compiler options (entries named xla_*, e.g. xla_cpu_scheduler_type="
+                        "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="R > 1: keep every variant compiled and time them in turn, R rounds (the median over rounds)")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--loop-steps", type=int, default=0,
-                   help="also time N loop steps of the first variant with and without a per-step host read")
+                   help="also time N loop steps of the first variant (its config overrides) with and without a per-step host read")
     args, rest = p.parse_known_args(argv)
     common = [o[len("--config."):] for o in rest if o.startswith("--config.")]
+    if args.rounds < 1 or args.steps < 1:
+        raise SystemExit(f"error: --rounds {args.rounds} and --steps {args.steps}: both must be at least 1")
+    variants = [split_variant([v for v in variant.split(",") if v]) for variant in args.variants.split(";")]
     rows = []
-    for variant in args.variants.split(";"):
-        extra = [v for v in variant.split(",") if v]
-        row = measure_variant(args.config, common + extra, args.batch, args.steps)
-        row["overrides"] = " ".join(extra) or "(baseline)"
+    for overrides, options in variants:
+        if args.rounds == 1:  # one variant at a time: only its buffers are alive
+            row = measure_variant(args.config, common + overrides, args.batch, args.steps, options)
+        else:
+            row = compile_variant(args.config, common + overrides, args.batch, options)
+        row["overrides"] = " ".join([*overrides, *(f"{k}={v}" for k, v in options.items())]) or "(baseline)"
         rows.append(row)
+    if args.rounds > 1:
+        for _ in range(args.rounds):
+            for row in rows:
+                time_variant(row, args.steps)
+        rows = [finish_variant(row) for row in rows]
     import jax
 
     peak_dtype = {"bfloat16": "bfloat16"}.get(rows[0]["compute_dtype"], "float32")
@@ -203,9 +290,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         f"devices: {rows[0]['devices']} × {jax.devices()[0].device_kind}; jax {jax.__version__}; "
         f"matmul peak {', '.join(f'{k} {v / 1e12:.3f} TFLOP/s' for k, v in peaks.items())}",
         f"command: python experiments/train_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}",
+        f"step ms: the median over {args.rounds} alternating rounds of each round's median of {args.steps} steps"
+        if args.rounds > 1 else f"step ms: the median of {args.steps} steps, variants one after the other",
         "",
-        "| variant | batch | compile s | step ms | examples/s | temp MiB/dev | peak MiB | XLA TFLOP/step | analytic TFLOP/step | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | batch | compile s | step ms | examples/s | temp MiB/dev | peak MiB | XLA TFLOP/step | "
+        "analytic TFLOP/step | MFU | state after 1 step = first variant's |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         peak = peaks["bfloat16" if r["compute_dtype"] == "bfloat16" else "float32"]
@@ -214,10 +304,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             f"| {r['overrides']} | {r['batch']} | {r['compile_s']:.1f} | {r['step_ms']:,.1f} | {r['examples_per_s']:,.1f} | "
             f"{r['temp_mib_per_device']:,.1f} | {'—' if r['peak_mib'] != r['peak_mib'] else format(r['peak_mib'], ',.1f')} | "
             f"{r['xla_flops'] / 1e12:.4f} | "
-            f"{r['analytic_flops'] / 1e12:.4f} | {100 * mfu:.1f}% |")
+            f"{r['analytic_flops'] / 1e12:.4f} | {100 * mfu:.1f}% | "
+            f"{'yes' if r['state_digest'] == rows[0]['state_digest'] else 'no'} |")
     if args.loop_steps:
-        extra = [v for v in args.variants.split(";")[0].split(",") if v]
-        loop = [measure_loop(args.config, common + extra, args.batch, args.loop_steps, read) for read in (True, False)]
+        loop = [measure_loop(args.config, common + variants[0][0], args.batch, args.loop_steps, read)  # its overrides
+                for read in (True, False)]
         lines += ["", "| loop | batch | steps | examples/s | × with the read |", "|---|---|---|---|---|"]
         for r in loop:
             lines.append(f"| {'float(loss) every step' if r['host_read'] else 'read at log steps only'} | "
