@@ -47,6 +47,11 @@ def split_variant(entries: Sequence[str]) -> tuple[list[str], dict[str, bool | i
     return overrides, options
 
 
+def variant_label(overrides: Sequence[str], options: dict) -> str:
+    """A variant's name in the table: its entries as given, or "(baseline)" when it has none."""
+    return " ".join([*overrides, *(f"{k}={v}" for k, v in options.items())]) or "(baseline)"
+
+
 def state_digest(state) -> str:
     """SHA-256 over every leaf's bytes (in tree order): equal digests, bit-identical states."""
     import jax
@@ -206,7 +211,7 @@ def compile_variant(spec: str, overrides: Sequence[str], batch: int,
     state, _ = compiled(state, batch_arrays)  # warm-up
     n_dev = run.mesh.devices.size
     return {
-        "overrides": " ".join([*overrides, *(f"{k}={v}" for k, v in (options or {}).items())]) or "(baseline)",
+        "overrides": variant_label(overrides, options or {}),
         "devices": n_dev,
         "batch": batch,
         "compile_s": compile_s,
@@ -263,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                    help="R > 1: keep every variant compiled and time them in turn, R rounds (the median over rounds)")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--loop-steps", type=int, default=0,
-                   help="also time N loop steps of the first variant (its config overrides) with and without a per-step host read")
+                   help="also time N loop steps of the first variant (its config overrides, not its XLA options) "
+                        "with and without a per-step host read")
     args, rest = p.parse_known_args(argv)
     common = [o[len("--config."):] for o in rest if o.startswith("--config.")]
     if args.rounds < 1 or args.steps < 1:
@@ -275,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             row = measure_variant(args.config, common + overrides, args.batch, args.steps, options)
         else:
             row = compile_variant(args.config, common + overrides, args.batch, options)
-        row["overrides"] = " ".join([*overrides, *(f"{k}={v}" for k, v in options.items())]) or "(baseline)"
+        row["overrides"] = variant_label(overrides, options)  # the variant's own entries, not the common ones
         rows.append(row)
     if args.rounds > 1:
         for _ in range(args.rounds):
@@ -307,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             f"{r['analytic_flops'] / 1e12:.4f} | {100 * mfu:.1f}% | "
             f"{'yes' if r['state_digest'] == rows[0]['state_digest'] else 'no'} |")
     if args.loop_steps:
-        loop = [measure_loop(args.config, common + variants[0][0], args.batch, args.loop_steps, read)  # its overrides
+        loop = [measure_loop(args.config, common + variants[0][0], args.batch, args.loop_steps, read)
                 for read in (True, False)]
         lines += ["", "| loop | batch | steps | examples/s | × with the read |", "|---|---|---|---|---|"]
         for r in loop:
