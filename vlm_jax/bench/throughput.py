@@ -48,7 +48,7 @@ def split_variant(entries: Sequence[str]) -> tuple[list[str], dict[str, bool | i
 
 
 def variant_label(overrides: Sequence[str], options: dict) -> str:
-    """A variant's name in the table: its entries as given, or "(baseline)" when it has none."""
+    """A variant's name in the table: its overrides and parsed options, or "(baseline)" when it has none."""
     return " ".join([*overrides, *(f"{k}={v}" for k, v in options.items())]) or "(baseline)"
 
 
