@@ -26,8 +26,14 @@ vlm_jax is timed on each of ``--devices`` CPU device counts (default 1 and
 one per thread): the same network and global batch, the batch split over a
 data-parallel mesh of that many devices (``mesh.data``), as a user gets with
 ``JAX_NUM_CPU_DEVICES``. open_clip runs in the peer environment
-(``vlm_jax.bench.peer_env``) as a long-lived child; the sides take turns in
-rounds (the child, then vlm_jax on each device count). Every turn is one
+(``vlm_jax.bench.peer_env``) as a long-lived child. Each device count is a
+phase of its own: vlm_jax's step on that many devices is the only one
+compiled in this process, and it takes turns with the child for
+``--pairs`` rounds; its ratio is to the child's rounds of the same phase.
+(With the 1- and 2-device steps both compiled and taking turns, the
+2-device step at the wide size ran up to 1.5× slower in some rounds,
+which a training run, with one step, never sees: docs/benchmarks.md.)
+Every turn is one
 untimed step, then ``--steps`` timed ones: the first step after the other
 side's turn runs on cold caches and on memory the host has taken back while
 the process sat idle (up to twice a step's time here), which no training run
@@ -150,46 +156,47 @@ def overrides(size: dict) -> list[str]:
 
 def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads: int,
             device_counts: Sequence[int], peer_device: str, tf32: bool) -> dict:
-    """``pairs`` rounds: open_clip's turn, then vlm_jax's on each device count in turn; every turn is
-    one untimed step, then ``steps`` timed ones."""
+    """One phase per device count n: vlm_jax's step on n devices, the only step compiled in this
+    process, and open_clip's take turns for ``pairs`` rounds; every turn is one untimed step, then
+    ``steps`` timed ones. The step is released before the next phase."""
     spec, b = "configs/default.py", size["batch"]
-    ours = {}
-    for n in device_counts:  # the same network and batch, the batch split over n CPU devices (mesh.data=n)
-        cfg, run, step, state, batch = throughput._prepare(spec, overrides(size) + [f"mesh.data={n}"], b)
-        ours[n] = [step, state, batch]
-    vocab = run.model.text.vocab_size
-    heads = cfg.model.image.num_heads
-    params = rules._flat(jax.device_get(state["params"]))
-    ours_n = int(sum(v.size for v in params.values()))
+    child, ready, ours_n, phases = None, None, None, {}
     with tempfile.TemporaryDirectory(prefix="vlm_jax_peer_tp_") as tmp:
-        path = os.path.join(tmp, "init.safetensors")
-        weights.export_params(params, cfg, run.objective.scalar_names, path)
-        child_spec = dict(size, heads=heads, vocab=vocab, weights=path, threads=threads, device=peer_device,
-                          tf32=tf32)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        child = subprocess.Popen([python, "-c", CHILD, json.dumps(child_spec)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True, env=env)
-        ready = json.loads(child.stdout.readline())
-        if ready.get("parameters") != ours_n:
-            raise RuntimeError(f"{name}: parameter counts differ: open_clip {ready.get('parameters')}, vlm_jax {ours_n}")
-        for entry in ours.values():  # compiled and warm
-            entry[1], out = entry[0](entry[1], entry[2])
+        for n in device_counts:  # the same network and batch, the batch split over n CPU devices (mesh.data=n)
+            cfg, run, step, state, batch = throughput._prepare(spec, overrides(size) + [f"mesh.data={n}"], b)
+            if child is None:  # the initial weights (the same for every n) go to open_clip once
+                params = rules._flat(jax.device_get(state["params"]))
+                ours_n = int(sum(v.size for v in params.values()))
+                path = os.path.join(tmp, "init.safetensors")
+                weights.export_params(params, cfg, run.objective.scalar_names, path)
+                child_spec = dict(size, heads=cfg.model.image.num_heads, vocab=run.model.text.vocab_size,
+                                  weights=path, threads=threads, device=peer_device, tf32=tf32)
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+                child = subprocess.Popen([python, "-c", CHILD, json.dumps(child_spec)], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True, env=env)
+                ready = json.loads(child.stdout.readline())
+                if ready.get("parameters") != ours_n:
+                    raise RuntimeError(f"{name}: parameter counts differ: open_clip {ready.get('parameters')}, "
+                                       f"vlm_jax {ours_n}")
+            state, out = step(state, batch)  # compiled and warm
             jax.block_until_ready(out)
-        peer_med, ours_med = [], {n: [] for n in ours}
-        for _ in range(pairs):
-            child.stdin.write(f"{steps}\n")
-            child.stdin.flush()
-            peer_med.append(statistics.median(json.loads(child.stdout.readline())["times"]))
-            for n, entry in ours.items():
-                entry[1], _ = throughput.time_steps(entry[0], entry[1], entry[2], 1)  # untimed, as the peer's
-                entry[1], times = throughput.time_steps(entry[0], entry[1], entry[2], steps)
-                ours_med[n].append(statistics.median(times))
+            peer_med, ours_med = [], []
+            for _ in range(pairs):
+                child.stdin.write(f"{steps}\n")
+                child.stdin.flush()
+                peer_med.append(statistics.median(json.loads(child.stdout.readline())["times"]))
+                state, _ = throughput.time_steps(step, state, batch, 1)  # untimed, as the peer's
+                state, times = throughput.time_steps(step, state, batch, steps)
+                ours_med.append(statistics.median(times))
+            phases[n] = {"open_clip_ms": [round(t * 1e3, 1) for t in peer_med],
+                         "open_clip_eps": b / statistics.median(peer_med),
+                         "ms": [round(t * 1e3, 1) for t in ours_med], "eps": b / statistics.median(ours_med)}
+            del step, state, batch, out
+            jax.clear_caches()
         child.stdin.close()
         child.wait()
     return {"size": name, "parameters": ours_n, "batch": b, "torch": ready["torch"], "peer_device": ready["device"],
-            "open_clip_ms": [round(t * 1e3, 1) for t in peer_med], "open_clip_eps": b / statistics.median(peer_med),
-            "vlm_jax": {n: {"ms": [round(t * 1e3, 1) for t in ms], "eps": b / statistics.median(ms)}
-                        for n, ms in ours_med.items()}}
+            "phases": phases}
 
 
 def main() -> None:
@@ -209,7 +216,7 @@ def main() -> None:
     # CPU devices are made when the backend starts: as many as the largest mesh needs, before any array exists.
     jax.config.update("jax_num_cpu_devices", max(args.devices or (1, args.threads)))
     gpu = jax.default_backend() == "gpu"
-    counts = sorted(set(args.devices or ((1,) if gpu else (1, args.threads))))
+    counts = list(dict.fromkeys(args.devices or ((1,) if gpu else (1, args.threads))))  # phases in this order
     sizes = args.sizes or ["default", "wide"] + (["base"] if gpu else [])
     if gpu:
         jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.matmul == "tf32" else "float32")
@@ -225,13 +232,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     peer_where, kind = ("CUDA", "GPU") if gpu else (f"{args.threads} threads", "CPU device")
     for r in rows:
-        print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | open_clip, {peer_where} | "
-              f"{' / '.join(map(str, r['open_clip_ms']))} | {r['open_clip_eps']:,.0f} | 1.00 |")
-        for n, v in r["vlm_jax"].items():
+        for n, v in r["phases"].items():
             where = f"1 {kind}" if n == 1 else f"{n} {kind}s (data parallel)"
+            print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | open_clip, {peer_where} (beside {where}) | "
+                  f"{' / '.join(map(str, v['open_clip_ms']))} | {v['open_clip_eps']:,.0f} | 1.00 |")
             print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | vlm_jax, {where} | {' / '.join(map(str, v['ms']))} | "
-                  f"{v['eps']:,.0f} | **{v['eps'] / r['open_clip_eps']:.2f}×** |")
-
+                  f"{v['eps']:,.0f} | **{v['eps'] / v['open_clip_eps']:.2f}×** |")
 
 if __name__ == "__main__":
     main()
