@@ -26,10 +26,10 @@ vlm_jax is timed on each of ``--devices`` CPU device counts (default 1 and
 one per thread): the same network and global batch, the batch split over a
 data-parallel mesh of that many devices (``mesh.data``), as a user gets with
 ``JAX_NUM_CPU_DEVICES``. open_clip runs in the peer environment
-(``vlm_jax.bench.peer_env``) as a long-lived child. Each device count is a
+(``vlm_jax.bench.peer_env``) as a child process. Each device count is a
 phase of its own: vlm_jax's step on that many devices is the only one
-compiled in this process, and it takes turns with the child for
-``--pairs`` rounds; its ratio is to the child's rounds of the same phase.
+compiled in this process, a fresh child starts, and the two take turns for
+``--pairs`` rounds; the ratio is to the child's rounds of the same phase.
 (With the 1- and 2-device steps both compiled and taking turns, the
 2-device step at the wide size ran up to 1.5× slower in some rounds,
 which a training run, with one step, never sees: docs/benchmarks.md.)
@@ -157,27 +157,29 @@ def overrides(size: dict) -> list[str]:
 def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads: int,
             device_counts: Sequence[int], peer_device: str, tf32: bool) -> dict:
     """One phase per device count n: vlm_jax's step on n devices, the only step compiled in this
-    process, and open_clip's take turns for ``pairs`` rounds; every turn is one untimed step, then
-    ``steps`` timed ones. The step is released before the next phase."""
+    process, and open_clip's, in a process of its own for the phase, take turns for ``pairs``
+    rounds; every turn is one untimed step, then ``steps`` timed ones. Both are released before the
+    next phase."""
     spec, b = "configs/default.py", size["batch"]
-    child, ready, ours_n, phases = None, None, None, {}
+    child_spec, ready, ours_n, phases = None, None, None, {}
     with tempfile.TemporaryDirectory(prefix="vlm_jax_peer_tp_") as tmp:
         for n in device_counts:  # the same network and batch, the batch split over n CPU devices (mesh.data=n)
             cfg, run, step, state, batch = throughput._prepare(spec, overrides(size) + [f"mesh.data={n}"], b)
-            if child is None:  # the initial weights (the same for every n) go to open_clip once
+            if child_spec is None:  # the initial weights (the same for every n), exported once
                 params = rules._flat(jax.device_get(state["params"]))
                 ours_n = int(sum(v.size for v in params.values()))
                 path = os.path.join(tmp, "init.safetensors")
                 weights.export_params(params, cfg, run.objective.scalar_names, path)
                 child_spec = dict(size, heads=cfg.model.image.num_heads, vocab=run.model.text.vocab_size,
                                   weights=path, threads=threads, device=peer_device, tf32=tf32)
-                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-                child = subprocess.Popen([python, "-c", CHILD, json.dumps(child_spec)], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, text=True, env=env)
-                ready = json.loads(child.stdout.readline())
-                if ready.get("parameters") != ours_n:
-                    raise RuntimeError(f"{name}: parameter counts differ: open_clip {ready.get('parameters')}, "
-                                       f"vlm_jax {ours_n}")
+            # A fresh open_clip process each phase: both sides start every phase alike.
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            child = subprocess.Popen([python, "-c", CHILD, json.dumps(child_spec)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+            ready = json.loads(child.stdout.readline())
+            if ready.get("parameters") != ours_n:
+                raise RuntimeError(f"{name}: parameter counts differ: open_clip {ready.get('parameters')}, "
+                                   f"vlm_jax {ours_n}")
             state, out = step(state, batch)  # compiled and warm
             jax.block_until_ready(out)
             peer_med, ours_med = [], []
@@ -188,13 +190,13 @@ def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads:
                 state, _ = throughput.time_steps(step, state, batch, 1)  # untimed, as the peer's
                 state, times = throughput.time_steps(step, state, batch, steps)
                 ours_med.append(statistics.median(times))
+            child.stdin.close()
+            child.wait()
             phases[n] = {"open_clip_ms": [round(t * 1e3, 1) for t in peer_med],
                          "open_clip_eps": b / statistics.median(peer_med),
                          "ms": [round(t * 1e3, 1) for t in ours_med], "eps": b / statistics.median(ours_med)}
             del step, state, batch, out
             jax.clear_caches()
-        child.stdin.close()
-        child.wait()
     return {"size": name, "parameters": ours_n, "batch": b, "torch": ready["torch"], "peer_device": ready["device"],
             "phases": phases}
 
