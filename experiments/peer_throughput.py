@@ -31,8 +31,10 @@ phase of its own: vlm_jax's step on that many devices is the only one
 compiled in this process, a fresh child starts, and the two take turns for
 ``--pairs`` rounds; the ratio is to the child's rounds of the same phase.
 (With the 1- and 2-device steps both compiled and taking turns, the
-2-device step at the wide size ran up to 1.5× slower in some rounds,
-which a training run, with one step, never sees: docs/benchmarks.md.)
+2-device step at the wide size ran up to 1.5× slower in some rounds, which
+a training run, with one step, never sees. With one step compiled it still
+does in some runs after the 1-device phase, for a cause not yet found:
+docs/benchmarks.md.)
 Every turn is one
 untimed step, then ``--steps`` timed ones: the first step after the other
 side's turn runs on cold caches and on memory the host has taken back while
@@ -240,6 +242,7 @@ def main() -> None:
                   f"{' / '.join(map(str, v['open_clip_ms']))} | {v['open_clip_eps']:,.0f} | 1.00 |")
             print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | vlm_jax, {where} | {' / '.join(map(str, v['ms']))} | "
                   f"{v['eps']:,.0f} | **{v['eps'] / v['open_clip_eps']:.2f}×** |")
+
 
 if __name__ == "__main__":
     main()
