@@ -189,9 +189,8 @@ def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads:
                 child.stdin.write(f"{steps}\n")
                 child.stdin.flush()
                 peer_med.append(statistics.median(json.loads(child.stdout.readline())["times"]))
-                state, _ = throughput.time_steps(step, state, batch, 1)  # untimed, as the peer's
-                state, times = throughput.time_steps(step, state, batch, steps)
-                ours_med.append(statistics.median(times))
+                state, median_s = throughput.time_round(step, state, batch, steps)  # as the peer's turn
+                ours_med.append(median_s)
             child.stdin.close()
             child.wait()
             phases[n] = {"open_clip_ms": [round(t * 1e3, 1) for t in peer_med],

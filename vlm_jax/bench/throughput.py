@@ -211,7 +211,6 @@ def compile_variant(spec: str, overrides: Sequence[str], batch: int,
     state, _ = compiled(state, batch_arrays)  # warm-up
     n_dev = run.mesh.devices.size
     return {
-        "overrides": variant_label(overrides, options or {}),
         "devices": n_dev,
         "batch": batch,
         "compile_s": compile_s,
@@ -227,13 +226,19 @@ def compile_variant(spec: str, overrides: Sequence[str], batch: int,
     }
 
 
+def time_round(step, state, batch, steps: int):
+    """(state, median seconds) of one round: an untimed step (the first after a pause runs on cold
+    caches and on memory the host took back), then ``steps`` timed ones."""
+    state, _ = time_steps(step, state, batch, 1)
+    state, times = time_steps(step, state, batch, steps)
+    return state, statistics.median(times)
+
+
 def time_variant(row: dict, steps: int) -> None:
-    """One round: an untimed step, then ``steps`` timed ones; their median joins the row's rounds."""
+    """One round of the row's step (``time_round``); its median joins the row's rounds."""
     compiled, state, batch_arrays = row["_run"]
-    state, _ = time_steps(compiled, state, batch_arrays, 1)
-    state, times = time_steps(compiled, state, batch_arrays, steps)
-    row["_run"][1] = state
-    row["_round_ms"].append(statistics.median(times) * 1e3)
+    row["_run"][1], median_s = time_round(compiled, state, batch_arrays, steps)
+    row["_round_ms"].append(median_s * 1e3)
 
 
 def finish_variant(row: dict) -> dict:
@@ -281,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             row = measure_variant(args.config, common + overrides, args.batch, args.steps, options)
         else:
             row = compile_variant(args.config, common + overrides, args.batch, options)
-        row["overrides"] = variant_label(overrides, options)  # the variant's own entries, not the common ones
+        row["overrides"] = variant_label(overrides, options)  # its own entries, not the common ones
         rows.append(row)
     if args.rounds > 1:
         for _ in range(args.rounds):
