@@ -40,7 +40,9 @@ untimed step, then ``--steps`` timed ones: the first step after the other
 side's turn runs on cold caches and on memory the host has taken back while
 the process sat idle (up to twice a step's time here), which no training run
 sees. Each side's examples/s is the median over rounds of its steps' median
-time. The script re-executes itself as the train
+time. The last column gives, round by round, each side's kernel CPU time and the machine's steal
+time per timed step: on a VM whose host takes freed memory back, the rounds that pay for it show
+there (docs/benchmarks.md). The script re-executes itself as the train
 command does (``vlm_jax.hostmem``: glibc's huge-page tunable, where the
 kernel offers huge pages on request), and the child inherits it: both sides
 allocate alike.
@@ -58,6 +60,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -87,7 +90,7 @@ SIZES = {
 }
 
 CHILD = r'''
-import json, sys, time
+import json, os, resource, sys, time
 import numpy as np
 import torch
 from open_clip.loss import ClipLoss
@@ -116,6 +119,16 @@ tokens[:, 1:-1] = rng.integers(1, spec["vocab"] - 2, (b, spec["ctx"] - 2))
 tokens[:, 0], tokens[:, -1] = spec["vocab"] - 2, spec["vocab"] - 1
 images, tokens = images.to(dev), torch.from_numpy(tokens).to(dev)
 
+def host_clock():  # as peer_throughput.host_clock: kernel CPU s of this process, the machine's steal s
+    try:
+        with open("/proc/stat") as f:
+            steal = int(f.readline().split()[8]) / TICK
+    except (OSError, IndexError, ValueError):
+        steal = None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime, steal
+
+TICK = os.sysconf("SC_CLK_TCK")
+
 def step():
     opt.zero_grad(set_to_none=True)
     img, txt, scale = model(images, tokens)
@@ -132,12 +145,12 @@ print(json.dumps({"ready": True, "parameters": sum(p.numel() for p in model.para
 for line in sys.stdin:
     n = int(line)
     step()  # untimed: the first step of a turn pays for the other side's turn (caches, idle memory)
-    times = []
+    times, before = [], host_clock()
     for _ in range(n):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"times": times}), flush=True)
+    print(json.dumps({"times": times, "clock": [before, host_clock()]}), flush=True)
 '''
 
 
@@ -154,6 +167,25 @@ def overrides(size: dict) -> list[str]:
             "model.text.act=gelu", "model.text.norm_eps=1e-5", f"model.embed_dim={size['embed']}",
             "model.image.stem=()", "model.projections_2d=True", "optim.lr=1e-3", "optim.weight_decay=0.1",
             "optim.grad_clip=1.0", "optim.b1=0.9", "optim.b2=0.98", "optim.eps=1e-6"]
+
+
+def host_clock() -> tuple[float, float | None]:
+    """(this process's kernel CPU seconds, the machine's steal seconds, None without /proc/stat) so
+    far. Steal is time the hypervisor kept the VM's CPUs from running; on this project's VM, whose
+    host takes freed memory back (free page reporting), a step that touches memory the host took
+    pays in both (docs/benchmarks.md)."""
+    try:
+        with open("/proc/stat") as f:
+            steal = int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        steal = None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime, steal
+
+
+def clock_ms(before, after, steps: int) -> str:
+    """Kernel / steal milliseconds a step between two ``host_clock`` readings."""
+    per = [None if a is None or b is None else (b - a) * 1e3 / steps for a, b in zip(before, after)]
+    return "/".join("—" if v is None else f"{v:.0f}" for v in per)
 
 
 def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads: int,
@@ -184,18 +216,24 @@ def measure(name: str, size: dict, python: str, pairs: int, steps: int, threads:
                                    f"vlm_jax {ours_n}")
             state, out = step(state, batch)  # compiled and warm
             jax.block_until_ready(out)
-            peer_med, ours_med = [], []
+            peer_med, ours_med, peer_clock, ours_clock = [], [], [], []
             for _ in range(pairs):
                 child.stdin.write(f"{steps}\n")
                 child.stdin.flush()
-                peer_med.append(statistics.median(json.loads(child.stdout.readline())["times"]))
-                state, median_s = throughput.time_round(step, state, batch, steps)  # as the peer's turn
+                turn = json.loads(child.stdout.readline())
+                peer_med.append(statistics.median(turn["times"]))
+                peer_clock.append(clock_ms(*turn["clock"], steps))
+                marks = []  # host_clock around the timed steps, as in the peer's turn
+                state, median_s = throughput.time_round(step, state, batch, steps,
+                                                        probe=lambda: marks.append(host_clock()))
                 ours_med.append(median_s)
+                ours_clock.append(clock_ms(*marks, steps))
             child.stdin.close()
             child.wait()
             phases[n] = {"open_clip_ms": [round(t * 1e3, 1) for t in peer_med],
-                         "open_clip_eps": b / statistics.median(peer_med),
-                         "ms": [round(t * 1e3, 1) for t in ours_med], "eps": b / statistics.median(ours_med)}
+                         "open_clip_eps": b / statistics.median(peer_med), "open_clip_clock": peer_clock,
+                         "ms": [round(t * 1e3, 1) for t in ours_med], "eps": b / statistics.median(ours_med),
+                         "clock": ours_clock}
             del step, state, batch, out
             jax.clear_caches()
     return {"size": name, "parameters": ours_n, "batch": b, "torch": ready["torch"], "peer_device": ready["device"],
@@ -231,16 +269,18 @@ def main() -> None:
           f"({jax.devices()[0].device_kind}); torch {rows[0]['torch']} ({rows[0]['peer_device']}); {matmul}; "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both sides)")
     print(f"command: python experiments/peer_throughput.py {' '.join(sys.argv[1:])}\n")
-    print("| model | parameters | batch | framework | ms/step (rounds) | examples/s | × open_clip |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | parameters | batch | framework | ms/step (rounds) | examples/s | × open_clip "
+          "| kernel / steal ms a step (rounds) |")
+    print("|---|---|---|---|---|---|---|---|")
     peer_where, kind = ("CUDA", "GPU") if gpu else (f"{args.threads} threads", "CPU device")
     for r in rows:
         for n, v in r["phases"].items():
             where = f"1 {kind}" if n == 1 else f"{n} {kind}s (data parallel)"
             print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | open_clip, {peer_where} (beside {where}) | "
-                  f"{' / '.join(map(str, v['open_clip_ms']))} | {v['open_clip_eps']:,.0f} | 1.00 |")
+                  f"{' / '.join(map(str, v['open_clip_ms']))} | {v['open_clip_eps']:,.0f} | 1.00 | "
+                  f"{' · '.join(v['open_clip_clock'])} |")
             print(f"| {r['size']} | {r['parameters']:,} | {r['batch']} | vlm_jax, {where} | {' / '.join(map(str, v['ms']))} | "
-                  f"{v['eps']:,.0f} | **{v['eps'] / v['open_clip_eps']:.2f}×** |")
+                  f"{v['eps']:,.0f} | **{v['eps'] / v['open_clip_eps']:.2f}×** | {' · '.join(v['clock'])} |")
 
 
 if __name__ == "__main__":

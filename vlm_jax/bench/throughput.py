@@ -24,7 +24,7 @@ import hashlib
 import statistics
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 XLA_OPTION_PREFIX = "xla_"  # XLA's debug options are all named so; no config field is
 
@@ -226,11 +226,16 @@ def compile_variant(spec: str, overrides: Sequence[str], batch: int,
     }
 
 
-def time_round(step, state, batch, steps: int):
+def time_round(step, state, batch, steps: int, probe: Callable[[], None] | None = None):
     """(state, median seconds) of one round: an untimed step (the first after a pause runs on cold
-    caches and on memory the host took back), then ``steps`` timed ones."""
+    caches and on memory the host took back), then ``steps`` timed ones. ``probe``, if given, is
+    called just before and just after the timed steps (to read host counters around them)."""
     state, _ = time_steps(step, state, batch, 1)
+    if probe:
+        probe()
     state, times = time_steps(step, state, batch, steps)
+    if probe:
+        probe()
     return state, statistics.median(times)
 
 
