@@ -32,9 +32,9 @@ compiled in this process, a fresh child starts, and the two take turns for
 ``--pairs`` rounds; the ratio is to the child's rounds of the same phase.
 (With the 1- and 2-device steps both compiled and taking turns, the
 2-device step at the wide size ran up to 1.5× slower in some rounds, which
-a training run, with one step, never sees. With one step compiled it still
-does in some runs after the 1-device phase, for a cause not yet found:
-docs/benchmarks.md.)
+a training run, with one step, never sees. With one step compiled, some of
+its steps are still slower on this project's VM, whose host takes back the
+memory each step frees: docs/benchmarks.md.)
 Every turn is one
 untimed step, then ``--steps`` timed ones: the first step after the other
 side's turn runs on cold caches and on memory the host has taken back while
