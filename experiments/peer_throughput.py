@@ -122,12 +122,10 @@ images, tokens = images.to(dev), torch.from_numpy(tokens).to(dev)
 def host_clock():  # as peer_throughput.host_clock: kernel CPU s of this process, the machine's steal s
     try:
         with open("/proc/stat") as f:
-            steal = int(f.readline().split()[8]) / TICK
+            steal = int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         steal = None
     return resource.getrusage(resource.RUSAGE_SELF).ru_stime, steal
-
-TICK = os.sysconf("SC_CLK_TCK")
 
 def step():
     opt.zero_grad(set_to_none=True)
