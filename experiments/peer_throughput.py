@@ -57,6 +57,7 @@ installed.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -89,7 +90,22 @@ SIZES = {
     "base": dict(width=768, heads=12, depth=(12, 12), patch=32, image=224, ctx=77, embed=512, batch=256),
 }
 
+
+def host_clock() -> tuple[float, float | None]:
+    """(this process's kernel CPU seconds, the machine's steal seconds, None without /proc/stat) so
+    far. Steal is time the hypervisor kept the VM's CPUs from running; on this project's VM, whose
+    host takes freed memory back (free page reporting), a step that touches memory the host took
+    pays in both (docs/benchmarks.md). The open_clip child runs this same function (``CHILD``)."""
+    try:
+        with open("/proc/stat") as f:
+            steal = int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        steal = None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime, steal
+
+
 CHILD = r'''
+from __future__ import annotations
 import json, os, resource, sys, time
 import numpy as np
 import torch
@@ -119,13 +135,7 @@ tokens[:, 1:-1] = rng.integers(1, spec["vocab"] - 2, (b, spec["ctx"] - 2))
 tokens[:, 0], tokens[:, -1] = spec["vocab"] - 2, spec["vocab"] - 1
 images, tokens = images.to(dev), torch.from_numpy(tokens).to(dev)
 
-def host_clock():  # as peer_throughput.host_clock: kernel CPU s of this process, the machine's steal s
-    try:
-        with open("/proc/stat") as f:
-            steal = int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        steal = None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_stime, steal
+# host_clock: this module's, spliced in, so both sides read their clocks alike
 
 def step():
     opt.zero_grad(set_to_none=True)
@@ -149,7 +159,8 @@ for line in sys.stdin:
         step()
         times.append(time.perf_counter() - t0)
     print(json.dumps({"times": times, "clock": [before, host_clock()]}), flush=True)
-'''
+'''.replace("# host_clock: this module's, spliced in, so both sides read their clocks alike\n",
+            inspect.getsource(host_clock))
 
 
 def overrides(size: dict) -> list[str]:
@@ -165,19 +176,6 @@ def overrides(size: dict) -> list[str]:
             "model.text.act=gelu", "model.text.norm_eps=1e-5", f"model.embed_dim={size['embed']}",
             "model.image.stem=()", "model.projections_2d=True", "optim.lr=1e-3", "optim.weight_decay=0.1",
             "optim.grad_clip=1.0", "optim.b1=0.9", "optim.b2=0.98", "optim.eps=1e-6"]
-
-
-def host_clock() -> tuple[float, float | None]:
-    """(this process's kernel CPU seconds, the machine's steal seconds, None without /proc/stat) so
-    far. Steal is time the hypervisor kept the VM's CPUs from running; on this project's VM, whose
-    host takes freed memory back (free page reporting), a step that touches memory the host took
-    pays in both (docs/benchmarks.md)."""
-    try:
-        with open("/proc/stat") as f:
-            steal = int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        steal = None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_stime, steal
 
 
 def clock_ms(before, after, steps: int) -> str:
